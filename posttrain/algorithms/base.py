@@ -1,0 +1,112 @@
+"""What an algorithm contributes to the one training loop.
+
+The loop (posttrain/train/loop.py) owns accumulation, global normalisation, clipping, precision,
+logging, evaluation and checkpoints. An algorithm only says how to build its models and data,
+how to make this process's micro-batches for an optimizer step, how many loss units a batch
+holds, and how to compute the loss of one micro-batch. It never subclasses a trainer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.losses.types import LossOutput
+
+
+class Algorithm(ABC):
+    name: str = "algorithm"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @abstractmethod
+    def setup(self, accelerator: Accelerator) -> torch.nn.Module:
+        """Load models, tokenizer and data; return the (unprepared) trainable model."""
+
+    @abstractmethod
+    def micro_batches(self, step: int, accelerator: Accelerator, model: torch.nn.Module) -> list:
+        """This process's micro-batches for optimizer step `step` (0-based)."""
+
+    @abstractmethod
+    def num_units(self, batch) -> int:
+        """Loss units in a batch (tokens, pairs, sequences): the loop divides by their global sum."""
+
+    @abstractmethod
+    def compute_loss(self, model: torch.nn.Module, batch) -> LossOutput:
+        """Loss of one micro-batch as a sum over its units (see LossOutput)."""
+
+    def num_tokens(self, batch) -> int:
+        """Non-pad tokens processed, for throughput."""
+        return int(getattr(batch, "num_tokens", 0))
+
+    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        return {}
+
+    def on_step_end(self, model: torch.nn.Module, step: int, accelerator: Accelerator) -> dict:
+        """Hook after each optimizer step (e.g. refresh a reference policy); returns metrics."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save_final(self, model: torch.nn.Module, path: Path) -> None:
+        """Write the trained model in Hugging Face format (rank 0 only)."""
+        model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+class StepSampler:
+    """Deterministic global batches: step k takes positions [k*G, (k+1)*G) of an endless stream
+    made of per-epoch permutations seeded by (seed, epoch).
+
+    The examples of a step depend only on the step number, so resuming needs no sampler state,
+    and any split of the global batch into processes x micro-batches sees the same examples.
+    """
+
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
+        if num_examples <= 0:
+            raise ValueError("no training examples")
+        self.num_examples = num_examples
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perms = {epoch: torch.randperm(self.num_examples, generator=g).tolist()}
+            else:
+                self._perms = {epoch: list(range(self.num_examples))}
+        return self._perms[epoch]
+
+    def global_batch(self, step: int, size: int) -> list[int]:
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(pos, self.num_examples)
+            out.append(self._perm(epoch)[offset])
+        return out
+
+    def epoch_of(self, step: int, size: int) -> float:
+        return step * size / self.num_examples
+
+
+def local_micro_indices(global_indices: list[int], micro_batch: int, accelerator: Accelerator) -> list[list[int]]:
+    """Split a global batch into this process's micro-batches.
+
+    Micro-batch m of process r holds slice [(m*world + r)*b, (m*world + r + 1)*b).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_micro = len(global_indices) // (micro_batch * world)
+    return [
+        global_indices[(m * world + rank) * micro_batch : (m * world + rank + 1) * micro_batch]
+        for m in range(n_micro)
+    ]

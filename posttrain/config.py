@@ -1,0 +1,304 @@
+"""Typed configuration: nested dataclasses, YAML recipes, dotted `key=value` overrides.
+
+A recipe's keys are exactly the dataclass fields. Unknown keys and wrong types are errors that
+name the key (with its dotted path) and suggest the nearest valid one; the resolved config is
+written next to every run as `config.yaml`. Section classes shared by all trainers live here;
+each algorithm adds its own section (see `posttrain/algorithms/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema; the message says where."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by every trainer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 disables LoRA (full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear" for every linear layer of the blocks."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model in 4-bit with bitsandbytes (CUDA only)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face model directory or hub id (required)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the stored master weights; mixed precision is set by train.mixed_precision."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint to run. Off unless you trust the source."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to from_pretrained."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapter settings (off when r=0)."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    """Training data: a .jsonl/.json/.parquet/.csv file, a saved datasets directory or hub id."""
+    eval_path: str = ""
+    """Optional held-out data in the same format, for eval loss."""
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    """Row format; auto picks from the columns present."""
+    max_length: int = 512
+    """Tokens per example; longer examples are truncated and counted."""
+    packing: bool = False
+    """Concatenate each micro-batch into rows with per-example position_ids (padding-free)."""
+    max_eval_examples: int = 512
+    """Cap on eval rows used for eval loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay for weight matrices; biases and norms never decay."""
+    decay_embeddings: bool = False
+    """Also apply weight decay to embedding matrices."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (optimizer steps)."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm; 0 disables clipping."""
+    fused: bool = True
+    """Use the fused/foreach AdamW kernel where the device supports it."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl, config.yaml and final/ are written."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    batch_size: int = 8
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype through Accelerate; fp16 uses dynamic loss scaling (CUDA only)."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end when eval data is given)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in output_dir."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU (0: leave torch's default)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Write metrics every N optimizer steps."""
+    progress: bool = True
+    """Show a rich progress bar on rank 0."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to output_dir/tb (needs the tensorboard extra)."""
+
+
+@dataclass
+class BaseRecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, batching, precision and checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress output."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that say where
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], 1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}{hint}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking every key and type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"unknown key '{path}'{hint} (valid keys here: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 3e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """Read a YAML recipe, apply dotted overrides, and build the typed config."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,52 @@
+"""Typed batches passed between the data pipeline, the algorithms and the training loop.
+
+Every batch is a frozen dataclass of tensors (plus plain metadata) with `.to(device)`, so the
+loop can move any of them without knowing which algorithm made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+class TensorBatch:
+    """Mixin: `.to(device)` moves every tensor field and leaves other fields alone."""
+
+    def to(self, device: torch.device | str):
+        changes = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SFTBatch(TensorBatch):
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) next-token target at each position, -100 = no loss (already shifted)
+    position_ids: torch.Tensor  # (B, T) restart at 0 for every packed example
+    attention_mask: torch.Tensor | None  # (B, T) for padded rows; None when packed (mask from position_ids)
+    num_tokens: int  # non-pad tokens, for throughput
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+@dataclass(frozen=True)
+class PreferenceBatch(TensorBatch):
+    """Chosen rows first, then rejected rows, so one forward pass covers both (spec section 5)."""
+
+    input_ids: torch.Tensor  # (2B, T): [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]
+    attention_mask: torch.Tensor  # (2B, T)
+    labels: torch.Tensor  # (2B, T) shifted targets on completion tokens, -100 elsewhere
+    margin: torch.Tensor | None  # (B,) optional per-pair reward-model margin
+    num_tokens: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2

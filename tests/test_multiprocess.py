@@ -1,0 +1,41 @@
+"""Two real processes (torchrun, gloo on CPU) train like one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli, sft_overrides
+
+pytestmark = pytest.mark.multiprocess
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_path):
+    common = {"train.max_steps": 5, "optim.lr": 3e-3}
+    single = run_cli("sft", "recipes/sft_tiny.yaml",
+                     *sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "one",
+                                    **common, **{"train.batch_size": 8}))
+    assert single.returncode == 0, single.stderr
+    args = sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "posttrain", "sft", "recipes/sft_tiny.yaml", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
+    assert a[-1] < a[0]
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and "MULTI_CPU" in summary["distributed_type"]
+    config = (tmp_path / "two" / "config.yaml").read_text()
+    assert "batch_size: 4" in config
