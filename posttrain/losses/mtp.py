@@ -1,0 +1,116 @@
+"""Multi-token prediction heads and speculative acceptance (spec §11).
+
+Label convention. The data pipeline gives labels already aligned to positions:
+labels[b, i] = token i+1 (what the main head at position i predicts). Extra head k (k = 0 is
+the first extra head, DeepSeek-V3 depth k+1, Medusa head k+1) at position i predicts token
+i+k+2 = labels[b, i+k+1], so `mtp_labels` shifts the labels left by k+1 and fills the last k+1
+positions with ignore_index. For packed rows, pass `position_ids` (B, T) and targets whose
+input position i+k+1 belongs to a different example than position i are ignored as well.
+
+Loss: DeepSeek-V3 (DeepSeek-AI 2024, eq. 25): L_MTP = (λ/D) Σ_k CE_k, each CE_k the token mean
+over head k's valid targets in this micro-batch. Because the D means have different token counts,
+this loss is returned with units = 1 and total = L_MTP: summed over micro-batches and divided by
+the global units it is the MEAN over micro-batches of the per-micro-batch value, not a global
+token mean (a deliberate simplification for an auxiliary loss).
+
+Acceptance: greedy (longest prefix agreeing with the verifier's argmax) and the lossless
+speculative sampling rule of Leviathan et al. 2023 / Chen et al. 2023 (Algorithm 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.losses.sft import cross_entropy_loss
+from posttrain.losses.types import LossOutput
+
+
+def mtp_labels(
+    labels: torch.Tensor,
+    depth_k: int,
+    ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Targets (B, T) for extra head `depth_k` (0-based): out[:, i] = labels[:, i+depth_k+1]."""
+    shift = depth_k + 1
+    out = torch.full_like(labels, ignore_index)  # (B, T)
+    if shift >= labels.shape[1]:
+        return out
+    out[:, :-shift] = labels[:, shift:]
+    if position_ids is not None:
+        # same example iff the position id advanced by exactly `shift` (ids restart at 0)
+        same = position_ids[:, shift:] - position_ids[:, :-shift] == shift  # (B, T - shift)
+        out[:, :-shift] = out[:, :-shift].masked_fill(~same, ignore_index)
+    return out
+
+
+def mtp_loss(
+    head_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    weight: float,
+    ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """(λ/D) Σ_k CE_k over D extra heads. head_logits[k]: (B, T, V); labels: (B, T) aligned.
+
+    units = 1 (see module docstring). Metrics mtp_loss_{k}, mtp_acc_{k} per head.
+    """
+    depth = len(head_logits)
+    total = labels.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, torch.Tensor] = {}
+    for k, logits in enumerate(head_logits):
+        targets = mtp_labels(labels, k, ignore_index, position_ids)  # (B, T)
+        head = cross_entropy_loss(logits, targets, ignore_index, chunk_size)
+        head_mean = head.total / head.units.clamp(min=1)
+        total = total + head_mean
+        metrics[f"mtp_loss_{k}"] = head_mean.detach()
+        metrics[f"mtp_acc_{k}"] = head.metrics["token_accuracy"]
+    total = total * (weight / max(depth, 1))
+    return LossOutput(total=total, units=torch.ones((), device=labels.device), metrics=metrics)
+
+
+def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
+    """Greedy verification. draft_tokens: (K,); target_argmax: (K+1,) the verifier's argmax at
+    each drafted position plus the one after. Returns (n_accepted, next_token): the longest
+    agreeing prefix and the verifier's token after it (a correction or the bonus token)."""
+    num_draft = draft_tokens.shape[0]
+    mismatch = torch.cat(
+        [draft_tokens != target_argmax[:num_draft], draft_tokens.new_ones(1, dtype=torch.bool)]
+    )  # (K+1,) sentinel so argmax finds K when all match
+    n_accepted = int(mismatch.int().argmax())
+    return n_accepted, int(target_argmax[n_accepted])
+
+
+def speculative_accept(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """Lossless speculative sampling.
+
+    draft_tokens: (K,) sampled from q; draft_probs q: (K, V); target_probs p: (K+1, V), the
+    verifier's distributions at the K drafted positions and the one after. Draft i is accepted
+    with probability min(1, p_i(x_i)/q_i(x_i)); at the first rejection the next token is sampled
+    from normalise(max(0, p_i - q_i)); if all K are accepted a bonus token is sampled from p_K.
+    `generator` must live on the device of the probabilities. Returns (n_accepted, next_token).
+    """
+    num_draft = draft_tokens.shape[0]
+    rows = torch.arange(num_draft, device=target_probs.device)
+    p_draft = target_probs[rows, draft_tokens]  # (K,)
+    q_draft = draft_probs[rows, draft_tokens]  # (K,)
+    uniform = torch.rand(
+        num_draft, generator=generator, device=target_probs.device, dtype=target_probs.dtype
+    )
+    # accept iff u < p/q, written u·q < p so q = 0 needs no division; u < 1 accepts when p >= q
+    rejected = torch.cat([uniform * q_draft >= p_draft, rows.new_ones(1, dtype=torch.bool)])
+    n_accepted = int(rejected.int().argmax())
+    if n_accepted < num_draft:
+        residual = (target_probs[n_accepted] - draft_probs[n_accepted]).clamp(min=0)  # (V,)
+        # residual is all zero only when p = q, where rejection has probability 0: use p
+        dist = torch.where(residual.sum() > 0, residual, target_probs[n_accepted])
+    else:
+        dist = target_probs[num_draft]  # (V,) bonus token
+    next_token = int(torch.multinomial(dist, 1, generator=generator))
+    return n_accepted, next_token
