@@ -81,6 +81,10 @@ def _trainer_command(name: str, summary: str):
 
 
 _trainer_command("sft", "Supervised fine-tuning on chats, prompt/completion pairs or text.")
+_trainer_command("rm", "Train a scalar reward model (Bradley-Terry) on preference pairs.")
+_trainer_command("dpo", "Preference optimisation: DPO, robust, hinge, IPO, SimPO.")
+_trainer_command("grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss).")
+_trainer_command("kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum).")
 
 
 @app.command("init-model")
@@ -140,6 +144,22 @@ def eval_cmd(
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(json.dumps(result))
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter_dir: Annotated[Path, typer.Argument(help="A LoRA adapter directory written by posttrain.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face model.")],
+) -> None:
+    """Merge a LoRA adapter into its base model and save weights plain transformers loads."""
+    _quiet_libraries()
+    from posttrain.models.merge import merge_adapter
+
+    try:
+        merge_adapter(adapter_dir, out)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"merged": str(out)}))
 
 
 @app.command("demo")

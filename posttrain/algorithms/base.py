@@ -63,6 +63,37 @@ class Algorithm(ABC):
         self.tokenizer.save_pretrained(path)
 
 
+class OfflineAlgorithm(Algorithm):
+    """An algorithm trained on a fixed data set (SFT, RM, DPO): a step's global batch comes from
+    StepSampler, split into this process's micro-batches and collated by the algorithm."""
+
+    train_examples: list
+
+    @abstractmethod
+    def collate(self, examples: list):
+        """Turn examples into one typed batch."""
+
+    def init_sampler(self, accelerator: Accelerator) -> None:
+        train = self.cfg.train
+        self.sampler = StepSampler(len(self.train_examples), train.seed)
+        self.global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
+
+    def micro_batches(self, step: int, accelerator: Accelerator, model: torch.nn.Module) -> list:
+        indices = self.sampler.global_batch(step, self.global_batch)
+        micro = local_micro_indices(indices, self.cfg.train.batch_size, accelerator)
+        return [self.collate([self.train_examples[i] for i in m]) for m in micro]
+
+    def epoch_at(self, step: int) -> float:
+        return self.sampler.epoch_of(step, self.global_batch)
+
+    def eval_batches(self, examples: list, accelerator: Accelerator):
+        """This process's share of held-out examples, collated in micro-batches."""
+        mine = examples[accelerator.process_index :: accelerator.num_processes]
+        size = self.cfg.train.batch_size
+        for start in range(0, len(mine), size):
+            yield self.collate(mine[start : start + size]).to(accelerator.device)
+
+
 class StepSampler:
     """Deterministic global batches: step k takes positions [k*G, (k+1)*G) of an endless stream
     made of per-epoch permutations seeded by (seed, epoch).

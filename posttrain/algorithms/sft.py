@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from posttrain.algorithms.base import Algorithm, StepSampler, local_micro_indices
+from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
 from posttrain.data.collate import pack_collate, pad_collate
 from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
@@ -58,7 +58,7 @@ def forward_logits(model, batch) -> torch.Tensor:
     ).logits  # (B, T, V)
 
 
-class SFT(Algorithm):
+class SFT(OfflineAlgorithm):
     name = "sft"
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
@@ -74,8 +74,8 @@ class SFT(Algorithm):
                 self.tokenizer, cfg.data.eval_path, cfg.data.format, cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
             )
-        self.sampler = StepSampler(len(self.train_data.examples), cfg.train.seed)
-        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+        self.train_examples = self.train_data.examples
+        self.init_sampler(accelerator)
         if accelerator.is_main_process:
             d = self.train_data
             accelerator.print(
@@ -89,14 +89,6 @@ class SFT(Algorithm):
             return pack_collate(examples, self.tokenizer.pad_token_id, self.cfg.data.max_length)
         return pad_collate(examples, self.tokenizer.pad_token_id)
 
-    def micro_batches(self, step: int, accelerator: Accelerator, model) -> list:
-        indices = self.sampler.global_batch(step, self.global_batch)
-        micro = local_micro_indices(indices, self.cfg.train.batch_size, accelerator)
-        return [self.collate([self.train_data.examples[i] for i in m]) for m in micro]
-
-    def epoch_at(self, step: int) -> float:
-        return self.sampler.epoch_of(step, self.global_batch)
-
     def num_units(self, batch) -> int:
         return batch.num_loss_tokens
 
@@ -108,11 +100,8 @@ class SFT(Algorithm):
         if self.eval_data is None:
             return {}
         model.eval()
-        examples = self.eval_data.examples[accelerator.process_index :: accelerator.num_processes]
         totals = torch.zeros(3, device=accelerator.device)  # loss sum, units, correct tokens
-        size = self.cfg.train.batch_size
-        for start in range(0, len(examples), size):
-            batch = self.collate(examples[start : start + size]).to(accelerator.device)
+        for batch in self.eval_batches(self.eval_data.examples, accelerator):
             with accelerator.autocast():
                 out = self.compute_loss(model, batch)
             totals += torch.stack([out.total.float(), out.units.float(),

@@ -46,7 +46,27 @@ class PreferenceBatch(TensorBatch):
     labels: torch.Tensor  # (2B, T) shifted targets on completion tokens, -100 elsewhere
     margin: torch.Tensor | None  # (B,) optional per-pair reward-model margin
     num_tokens: int
+    ref_logps: torch.Tensor | None = None  # (B, 2) precomputed reference [chosen, rejected] log-probs
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
+
+
+@dataclass(frozen=True)
+class PolicyBatch(TensorBatch):
+    """Sampled completions ready for a policy-gradient loss (GRPO, Kimi, PPO)."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded prompt tokens
+    prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, C) right-padded sampled tokens
+    completion_mask: torch.Tensor  # (N, C) 1 on tokens that enter the loss
+    advantages: torch.Tensor  # (N,) sequence-level advantage (GRPO) or zeros
+    rewards: torch.Tensor  # (N,) scalar reward of each completion
+    old_logprobs: torch.Tensor | None  # (N, C) π_old; None means π_old = π_θ detached
+    ref_logprobs: torch.Tensor | None  # (N, C) π_ref, when a KL term needs it
+    num_tokens: int  # prompt + completion tokens, for throughput
+
+    @property
+    def num_sequences(self) -> int:
+        return self.completion_ids.shape[0]

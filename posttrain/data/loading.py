@@ -54,7 +54,14 @@ def load_rows(path: str | Path, split: str = "train") -> datasets.Dataset:
         if not p.is_file():
             raise DataError(f"data file not found: {p}")
         if p.suffix == ".jsonl":
-            return datasets.Dataset.from_list(_read_jsonl(p))
+            rows = _read_jsonl(p)
+            try:
+                return datasets.Dataset.from_list(rows)
+            except (TypeError, ValueError, ArithmeticError) as e:  # pyarrow's type errors
+                raise DataError(
+                    f"{p}: rows do not share one schema (a column mixes types, e.g. strings and "
+                    f"message lists): {e}"
+                ) from None
         builder = EXTENSIONS.get(p.suffix)
         if builder is None:
             raise DataError(f"{p}: unsupported file type (expected {', '.join(EXTENSIONS)})")

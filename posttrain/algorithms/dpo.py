@@ -1,0 +1,167 @@
+"""The DPO family (spec section 5): sigmoid (DPO), robust (cDPO), hinge (SLiC), IPO, SimPO.
+
+Chosen and rejected go through one concatenated forward pass; log-probs are summed over the
+completion tokens only. The reference is, in order of preference:
+- `dpo.precompute_ref_logps=true`: one pass over the data before training, cached in the
+  examples; no reference forward (and no reference weights) during training;
+- with LoRA: the policy itself with the adapter disabled (no second copy of the weights);
+- otherwise: a frozen copy (`dpo.reference` or the starting checkpoint).
+SimPO is reference-free and loads none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from posttrain.algorithms.base import OfflineAlgorithm
+from posttrain.algorithms.reward_model import log_data
+from posttrain.config import BaseRecipe
+from posttrain.data.preference import encode_preference_file, preference_collate
+from posttrain.losses.common import selective_log_softmax
+from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
+from posttrain.losses.types import LossOutput
+from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class DPOConfig:
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = "sigmoid"
+    """Which preference loss (spec section 5)."""
+    beta: float = 0.1
+    """Inverse temperature β of the implicit reward."""
+    label_smoothing: float = 0.0
+    """ε of the robust (cDPO) loss: the assumed fraction of flipped labels."""
+    gamma: float = 0.5
+    """SimPO target reward margin γ."""
+    precompute_ref_logps: bool = False
+    """Compute reference log-probs once before training; no reference forward while training."""
+    reference: str = ""
+    """Reference checkpoint; empty means the starting policy (or the adapter-disabled base with LoRA)."""
+
+
+@dataclass
+class DPORecipe(BaseRecipe):
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Preference-optimisation settings."""
+
+
+def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the completion tokens of every row, and their counts: (2B,), (2B,)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    mask = batch.labels != -100  # (2B, T)
+    per_token = selective_log_softmax(logits, batch.labels.clamp(min=0))  # (2B, T)
+    return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+class DPO(OfflineAlgorithm):
+    name = "dpo"
+
+    def setup(self, accelerator: Accelerator) -> torch.nn.Module:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model = load_causal_lm(cfg.model)
+        if cfg.model.lora.r > 0:
+            model = apply_lora(model, cfg.model.lora)
+        self.train_data = encode_preference_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
+        self.train_examples = self.train_data.examples
+        log_data(accelerator, "dpo", cfg.data.train_path, self.train_data, cfg.data.max_length)
+        self.eval_examples = []
+        if cfg.data.eval_path:
+            self.eval_examples = encode_preference_file(
+                self.tokenizer, cfg.data.eval_path, cfg.data.max_length, limit=cfg.data.max_eval_examples
+            ).examples
+        self.ref_forward_passes = 0
+        self.reference = None
+        self.needs_reference = cfg.dpo.loss_type != "simpo"
+        if self.needs_reference and not (is_peft_model(model) and not cfg.dpo.reference):
+            ref_cfg = cfg.model if not cfg.dpo.reference else type(cfg.model)(
+                name_or_path=cfg.dpo.reference, dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                attn_implementation=cfg.model.attn_implementation)
+            self.reference = load_causal_lm(ref_cfg).to(accelerator.device).eval().requires_grad_(False)
+        if self.needs_reference and cfg.dpo.precompute_ref_logps:
+            model.to(accelerator.device)
+            for examples in (self.train_examples, self.eval_examples):
+                self.precompute_reference(model, accelerator, examples)
+            self.precompute_passes = self.ref_forward_passes
+            self.ref_forward_passes = 0
+            self.reference = None  # no reference weights kept once the log-probs are cached
+        self.init_sampler(accelerator)
+        return model
+
+    def collate(self, examples):
+        return preference_collate(examples, self.tokenizer.pad_token_id)
+
+    def num_units(self, batch) -> int:
+        return batch.num_pairs
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch) -> torch.Tensor:
+        """(2B,) reference log-probs: frozen copy, or the policy with its adapter disabled."""
+        self.ref_forward_passes += 1
+        if self.reference is not None:
+            return completion_logps(self.reference, batch)[0]
+        unwrapped = model.module if hasattr(model, "module") else model
+        with unwrapped.disable_adapter():
+            return completion_logps(model, batch)[0]
+
+    @torch.no_grad()
+    def precompute_reference(self, model, accelerator: Accelerator, examples: list) -> None:
+        """Fill every example's reference log-probs, each process doing its shard."""
+        mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+        size = max(self.cfg.train.batch_size, 1)
+        results = []
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(mine), size):
+            idx = mine[start : start + size]
+            batch = self.collate([examples[i] for i in idx]).to(accelerator.device)
+            with accelerator.autocast():
+                ref = self.reference_logps(model, batch).float().cpu()
+            pairs = len(idx)
+            results.extend(zip(idx, ref[:pairs].tolist(), ref[pairs:].tolist()))
+        model.train(was_training)
+        for i, chosen, rejected in gather_object(results):
+            examples[i].ref_chosen, examples[i].ref_rejected = chosen, rejected
+
+    def preference_logps(self, model, batch) -> PreferenceLogps:
+        logps, lengths = completion_logps(model, batch)
+        b = batch.num_pairs
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            if batch.ref_logps is not None:
+                ref_chosen, ref_rejected = batch.ref_logps[:, 0], batch.ref_logps[:, 1]
+            else:
+                ref = self.reference_logps(model, batch)
+                ref_chosen, ref_rejected = ref[:b], ref[b:]
+        return PreferenceLogps(logps[:b], logps[b:], ref_chosen, ref_rejected, lengths[:b], lengths[b:])
+
+    def compute_loss(self, model, batch) -> LossOutput:
+        d = self.cfg.dpo
+        out = DPO_LOSSES[d.loss_type](self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma)
+        out.metrics["ref_forward_passes"] = torch.tensor(float(self.ref_forward_passes))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        model.eval()
+        d = self.cfg.dpo
+        totals = torch.zeros(3, device=accelerator.device)  # loss sum, pairs, accuracy sum
+        passes = self.ref_forward_passes  # evaluation's reference passes are not training's
+        for batch in self.eval_batches(self.eval_examples, accelerator):
+            with accelerator.autocast():
+                out = DPO_LOSSES[d.loss_type](self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma)
+            totals += torch.stack([out.total.float(), out.units.float(),
+                                   out.metrics["rewards_accuracy"].float() * out.units.float()])
+        self.ref_forward_passes = passes
+        totals = accelerator.reduce(totals, reduction="sum")
+        model.train()
+        pairs = max(float(totals[1]), 1.0)
+        return {"loss": float(totals[0]) / pairs, "rewards_accuracy": float(totals[2]) / pairs}

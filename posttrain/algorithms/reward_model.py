@@ -1,0 +1,97 @@
+"""Reward modelling (spec section 4): a scalar head on a causal-LM backbone trained with the
+Bradley-Terry loss on preference pairs, with optional per-pair margin and centring term.
+
+The model is `AutoModelForSequenceClassification` with num_labels=1; transformers reads the
+score at the last non-pad token (through config.pad_token_id), so `OUTPUT_DIR/final` loads
+with plain transformers and scores text exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.algorithms.base import OfflineAlgorithm
+from posttrain.config import BaseRecipe
+from posttrain.data.preference import PreferenceData, encode_preference_file, preference_collate
+from posttrain.losses.reward import bradley_terry_loss
+from posttrain.losses.types import LossOutput
+from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
+
+
+@dataclass
+class RewardConfig:
+    use_margin: bool = True
+    """Use the data's `margin` column (when present) in the loss: -log σ(r_w - r_l - m)."""
+    centering_coef: float = 0.0
+    """Coefficient c of the centring term c·(r_w + r_l)² that keeps rewards near zero."""
+
+
+@dataclass
+class RMRecipe(BaseRecipe):
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    """Reward-model loss settings."""
+
+
+def log_data(accelerator: Accelerator, name: str, path: str, data: PreferenceData, max_length: int) -> None:
+    if accelerator.is_main_process:
+        skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items())
+        accelerator.print(
+            f"{name} data: {len(data.examples)} pairs from {path} ({data.truncated} truncated to "
+            f"max_length={max_length}; skipped {skipped})"
+        )
+
+
+class RewardModel(OfflineAlgorithm):
+    name = "rm"
+
+    def setup(self, accelerator: Accelerator) -> torch.nn.Module:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
+        if cfg.model.lora.r > 0:
+            model = apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
+        self.train_data = encode_preference_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
+        self.train_examples = self.train_data.examples
+        log_data(accelerator, "rm", cfg.data.train_path, self.train_data, cfg.data.max_length)
+        self.eval_data = None
+        if cfg.data.eval_path:
+            self.eval_data = encode_preference_file(
+                self.tokenizer, cfg.data.eval_path, cfg.data.max_length, limit=cfg.data.max_eval_examples
+            )
+        self.init_sampler(accelerator)
+        return model
+
+    def collate(self, examples):
+        return preference_collate(examples, self.tokenizer.pad_token_id)
+
+    def num_units(self, batch) -> int:
+        return batch.num_pairs
+
+    def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        scores = scores.squeeze(-1).float()  # (2B,)
+        return scores[: batch.num_pairs], scores[batch.num_pairs :]
+
+    def compute_loss(self, model, batch) -> LossOutput:
+        chosen, rejected = self.rewards(model, batch)
+        margin = batch.margin if (self.cfg.rm.use_margin and self.train_data.has_margin) else None
+        return bradley_terry_loss(chosen, rejected, margin, self.cfg.rm.centering_coef)
+
+    @torch.no_grad()
+    def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        model.eval()
+        totals = torch.zeros(3, device=accelerator.device)  # loss sum, pairs, correct pairs
+        for batch in self.eval_batches(self.eval_data.examples, accelerator):
+            with accelerator.autocast():
+                chosen, rejected = self.rewards(model, batch)
+            out = bradley_terry_loss(chosen, rejected)
+            totals += torch.stack([out.total, out.units, (chosen > rejected).float().sum()])
+        totals = accelerator.reduce(totals, reduction="sum")
+        model.train()
+        pairs = max(float(totals[1]), 1.0)
+        return {"loss": float(totals[0]) / pairs, "accuracy": float(totals[2]) / pairs}

@@ -1,0 +1,100 @@
+"""Preference pairs for reward modelling and the DPO family (spec sections 4-5).
+
+Rows have `prompt`, `chosen`, `rejected` (strings, or a message list for the prompt and
+assistant message lists for the answers) and optionally `margin`. Both answers are encoded
+after the same prompt; the loss mask covers the answer tokens only.
+
+Rows that cannot teach a preference are skipped and counted, never turned into NaN:
+chosen identical to rejected, an empty answer, or an answer truncated away by max_length.
+A missing column is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.data.batches import PreferenceBatch
+from posttrain.data.collate import IGNORE, shifted_labels
+from posttrain.data.encoding import encode_prompt_completion
+from posttrain.data.loading import DataError, load_rows, require_columns
+
+REQUIRED = ["prompt", "chosen", "rejected"]
+
+
+@dataclass
+class PreferenceExample:
+    chosen_ids: list[int]
+    chosen_mask: list[int]
+    rejected_ids: list[int]
+    rejected_mask: list[int]
+    margin: float = 0.0
+    ref_chosen: float | None = None  # precomputed reference log-probs (DPO), filled in later
+    ref_rejected: float | None = None
+
+
+@dataclass
+class PreferenceData:
+    examples: list[PreferenceExample]
+    has_margin: bool
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+
+
+def _answer_text(answer) -> str:
+    if isinstance(answer, list):
+        return "".join(str(m.get("content", "")) for m in answer if isinstance(m, dict))
+    return answer if isinstance(answer, str) else ""
+
+
+def encode_preference_file(tokenizer, path: str, max_length: int, limit: int | None = None) -> PreferenceData:
+    rows = load_rows(path)
+    require_columns(rows, REQUIRED, path, "'prompt', 'chosen', 'rejected' (optional 'margin')")
+    has_margin = "margin" in rows.column_names
+    skipped = {"identical": 0, "empty": 0, "truncated_away": 0}
+    truncated = 0
+    examples = []
+    for i, row in enumerate(rows):
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{path}: row {i + 1}"
+        chosen_text, rejected_text = _answer_text(row["chosen"]), _answer_text(row["rejected"])
+        if not chosen_text.strip() or not rejected_text.strip():
+            skipped["empty"] += 1
+            continue
+        if row["chosen"] == row["rejected"]:
+            skipped["identical"] += 1
+            continue
+        c_ids, c_mask = encode_prompt_completion(tokenizer, row["prompt"], row["chosen"], where)
+        r_ids, r_mask = encode_prompt_completion(tokenizer, row["prompt"], row["rejected"], where)
+        if len(c_ids) > max_length or len(r_ids) > max_length:
+            truncated += 1
+            c_ids, c_mask, r_ids, r_mask = c_ids[:max_length], c_mask[:max_length], r_ids[:max_length], r_mask[:max_length]
+            if sum(c_mask[1:]) == 0 or sum(r_mask[1:]) == 0:
+                skipped["truncated_away"] += 1
+                continue
+        margin = float(row["margin"]) if has_margin and row["margin"] is not None else 0.0
+        examples.append(PreferenceExample(c_ids, c_mask, r_ids, r_mask, margin))
+    if not examples:
+        raise DataError(f"{path}: no usable preference pairs (skipped: {skipped})")
+    return PreferenceData(examples, has_margin, skipped, truncated)
+
+
+def preference_collate(examples: list[PreferenceExample], pad_id: int) -> PreferenceBatch:
+    """Chosen rows then rejected rows, right-padded to one width: one forward pass for both."""
+    sequences = [(e.chosen_ids, e.chosen_mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
+    width = max(len(ids) for ids, _ in sequences)
+    rows = len(sequences)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, (ids, mask) in enumerate(sequences):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids)] = torch.tensor(shifted_labels(ids, mask))
+        attention_mask[r, : len(ids)] = 1
+    margin = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+    refs = None
+    if all(e.ref_chosen is not None for e in examples):
+        refs = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
+    return PreferenceBatch(input_ids, attention_mask, labels, margin, int(attention_mask.sum()), refs)
