@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -61,14 +61,22 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
 
         raise ConfigError(f"{recipe}: model.name_or_path is required")
     result = train(cfg, algorithm_cls(cfg))
-    return {"output_dir": str(result.output_dir), "final": str(result.final_dir), **result.last_metrics}
+    return {
+        "output_dir": str(result.output_dir),
+        "final": str(result.final_dir),
+        **result.last_metrics,
+    }
 
 
 def _trainer_command(name: str, summary: str):
     def command(
         recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. optim.lr=3e-4")] = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+        overrides: Annotated[
+            list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=3e-4")
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue from the latest checkpoint.")
+        ] = False,
     ) -> None:
         _quiet_libraries()
         try:
@@ -83,8 +91,12 @@ def _trainer_command(name: str, summary: str):
 _trainer_command("sft", "Supervised fine-tuning on chats, prompt/completion pairs or text.")
 _trainer_command("rm", "Train a scalar reward model (Bradley-Terry) on preference pairs.")
 _trainer_command("dpo", "Preference optimisation: DPO, robust, hinge, IPO, SimPO.")
-_trainer_command("grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss).")
-_trainer_command("kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum).")
+_trainer_command(
+    "grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss)."
+)
+_trainer_command(
+    "kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum)."
+)
 
 
 @app.command("init-model")
@@ -128,19 +140,27 @@ def data_arithmetic_cmd(
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[str, typer.Argument(help="Model directory (e.g. OUTPUT_DIR/final).")],
-    data: Annotated[str, typer.Argument(help="Rows with 'prompt' and 'answer' (e.g. rl_test.jsonl).")],
+    data: Annotated[
+        str, typer.Argument(help="Rows with 'prompt' and 'answer' (e.g. rl_test.jsonl).")
+    ],
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 16,
-    samples: Annotated[int, typer.Option(help="K>1 adds pass@K with K samples at temperature 1.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N rows.")] = None,
+    samples: Annotated[
+        int, typer.Option(help="K>1 adds pass@K with K samples at temperature 1.")
+    ] = 1,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow model code from the checkpoint.")
+    ] = False,
 ) -> None:
     """Greedy exact-match accuracy (and pass@K) on prompt/answer rows; prints one JSON object."""
     _quiet_libraries()
     from posttrain.evaluation import evaluate_model
 
     try:
-        result = evaluate_model(model_dir, data, max_new_tokens, samples, limit, seed, trust_remote_code)
+        result = evaluate_model(
+            model_dir, data, max_new_tokens, samples, limit, seed, trust_remote_code
+        )
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(json.dumps(result))
@@ -148,7 +168,9 @@ def eval_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    adapter_dir: Annotated[Path, typer.Argument(help="A LoRA adapter directory written by posttrain.")],
+    adapter_dir: Annotated[
+        Path, typer.Argument(help="A LoRA adapter directory written by posttrain.")
+    ],
     out: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face model.")],
 ) -> None:
     """Merge a LoRA adapter into its base model and save weights plain transformers loads."""

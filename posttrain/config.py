@@ -230,9 +230,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"unknown key '{path}'{hint} (valid keys here: {', '.join(names)})"
-            )
+            raise ConfigError(f"unknown key '{path}'{hint} (valid keys here: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
@@ -286,7 +284,9 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

@@ -37,45 +37,123 @@ class DemoContext:
         self.base_model = out / "tiny-init"
         self.data = out / "data"
         self.records: list[dict] = []
+        self.weak: tuple[Path, float] | None = None
+        self.reward_model: Path | None = None
 
     def accuracy(self, model_dir: Path) -> dict:
         from posttrain.evaluation import evaluate_model
 
         return evaluate_model(str(model_dir), str(self.data / "rl_test.jsonl"), EVAL_MAX_NEW_TOKENS)
 
-    def overrides(self, stage_out: Path, model: Path) -> list[str]:
+    def overrides(self, stage_out: Path, model: Path, recipe: Path) -> list[str]:
+        """Point a recipe at this demo's model, output and data files (same file names)."""
+        from posttrain.config import read_yaml
+
+        data = read_yaml(recipe).get("data", {})
+        moved = [
+            f"data.{key}={self.data / Path(data[key]).name}"
+            for key in ("train_path", "eval_path")
+            if data.get(key)
+        ]
         return [
             f"model.name_or_path={model}",
-            f"data.train_path={self.data / 'sft_train.jsonl'}",
-            f"data.eval_path={self.data / 'sft_test.jsonl'}",
             f"train.output_dir={stage_out}",
             f"train.num_threads={self.threads}",
             "logging.progress=true",
+            *moved,
         ]
 
 
-def stage_sft(ctx: DemoContext) -> dict:
-    from posttrain.algorithms.sft import SFT, SFTRecipe
+def train_stage(
+    ctx: DemoContext, algorithm: str, recipe: str, model: Path, out_name: str, extra: list[str] = ()
+) -> tuple:
+    """Train `algorithm` with recipes/`recipe` from `model`; returns (result, seconds)."""
+    from posttrain.algorithms import ALGORITHMS
     from posttrain.train.loop import train
 
-    before = ctx.accuracy(ctx.base_model)
+    recipe_cls, algorithm_cls = ALGORITHMS[algorithm]
+    path = recipe_path(recipe)
+    overrides = ctx.overrides(ctx.out / out_name, model, path) + ["train.save_every=0", *extra]
+    cfg = load_recipe(recipe_cls, path, overrides)
     started = time.perf_counter()
-    cfg = load_recipe(SFTRecipe, recipe_path("sft_tiny.yaml"),
-                      ctx.overrides(ctx.out / "sft", ctx.base_model) + ["train.save_every=0"])
-    result = train(cfg, SFT(cfg))
-    train_seconds = time.perf_counter() - started
+    result = train(cfg, algorithm_cls(cfg))
+    return result, time.perf_counter() - started
+
+
+def stage_sft(ctx: DemoContext) -> dict:
+    before = ctx.accuracy(ctx.base_model)
+    result, seconds = train_stage(ctx, "sft", "sft_tiny.yaml", ctx.base_model, "sft")
     after = ctx.accuracy(result.final_dir)
     return {
         "stage": "sft",
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "loss_after": result.last_metrics.get("eval/loss"),
-        "train_seconds": train_seconds,
+        "train_seconds": seconds,
         "model": str(result.final_dir),
     }
 
 
-STAGES: dict[str, Callable[[DemoContext], dict]] = {"sft": stage_sft}
+def weak_sft(ctx: DemoContext) -> tuple[Path, float]:
+    """A deliberately under-trained SFT checkpoint (made once per demo) for the later stages."""
+    if ctx.weak is None:
+        result, _ = train_stage(ctx, "sft", "sft_tiny_weak.yaml", ctx.base_model, "sft-weak")
+        ctx.weak = (result.final_dir, ctx.accuracy(result.final_dir)["accuracy"])
+    return ctx.weak
+
+
+def pairwise_accuracy(model_dir: Path, pairs_path: Path) -> float:
+    """Held-out fraction of pairs whose chosen answer scores above the rejected one."""
+    from posttrain.data.loading import load_rows
+    from posttrain.scoring.reward_model import RewardModelScorer
+
+    rows = load_rows(pairs_path)
+    scorer = RewardModelScorer(str(model_dir))
+    chosen = scorer(rows["prompt"], [c[0]["content"] for c in rows["chosen"]])
+    rejected = scorer(rows["prompt"], [r[0]["content"] for r in rows["rejected"]])
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def stage_rm(ctx: DemoContext) -> dict:
+    weak, _ = weak_sft(ctx)
+    pairs = ctx.data / "preference_test.jsonl"
+    before = pairwise_accuracy(weak, pairs)  # a fresh, untrained score head
+    result, seconds = train_stage(ctx, "rm", "rm_tiny.yaml", weak, "rm")
+    ctx.reward_model = result.final_dir
+    return {
+        "stage": "rm",
+        "metric": "held-out pairwise accuracy",
+        "accuracy_before": before,
+        "accuracy_after": pairwise_accuracy(result.final_dir, pairs),
+        "train_seconds": seconds,
+        "model": str(result.final_dir),
+    }
+
+
+def policy_stage(name: str, algorithm: str, recipe: str) -> Callable[[DemoContext], dict]:
+    """A stage that improves the weak SFT checkpoint's greedy accuracy (dpo, grpo, kimi, ppo)."""
+
+    def stage(ctx: DemoContext) -> dict:
+        weak, before = weak_sft(ctx)
+        result, seconds = train_stage(ctx, algorithm, recipe, weak, name)
+        return {
+            "stage": name,
+            "accuracy_before": before,
+            "accuracy_after": ctx.accuracy(result.final_dir)["accuracy"],
+            "train_seconds": seconds,
+            "model": str(result.final_dir),
+        }
+
+    return stage
+
+
+STAGES: dict[str, Callable[[DemoContext], dict]] = {
+    "sft": stage_sft,
+    "rm": stage_rm,
+    "dpo": policy_stage("dpo", "dpo", "dpo_tiny.yaml"),
+    "grpo": policy_stage("grpo", "grpo", "grpo_tiny.yaml"),
+    "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
+}
 
 
 def run_demo(out: Path, stages: list[str], threads: int = 0) -> list[dict]:
@@ -101,13 +179,20 @@ def run_demo(out: Path, stages: list[str], threads: int = 0) -> list[dict]:
         ctx.records.append(record)
         (out / "demo_summary.json").write_text(json.dumps(ctx.records, indent=1))
 
-    table = Table(title=f"posttrain demo: held-out greedy exact match ({time.perf_counter() - demo_started:.0f} s total)")
+    table = Table(
+        title=f"posttrain demo: held-out greedy exact match ({time.perf_counter() - demo_started:.0f} s total)"
+    )
     for column in ("stage", "accuracy before", "accuracy after", "eval loss after", "seconds"):
         table.add_column(column, justify="right")
     for r in ctx.records:
         loss = r.get("loss_after")
-        table.add_row(r["stage"], f"{r['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}",
-                      "-" if loss is None else f"{loss:.4f}", f"{r['seconds']:.0f}")
+        table.add_row(
+            r["stage"],
+            f"{r['accuracy_before']:.1%}",
+            f"{r['accuracy_after']:.1%}",
+            "-" if loss is None else f"{loss:.4f}",
+            f"{r['seconds']:.0f}",
+        )
     console.print(table)
     console.print(f"summary: {out / 'demo_summary.json'}")
     return ctx.records

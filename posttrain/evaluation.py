@@ -24,15 +24,24 @@ def is_correct(completion: str, reference) -> bool:
     return predicted is not None and answers_match(predicted, str(reference))
 
 
-def accuracy_of(engine: RolloutEngine, prompts: list, answers: list, max_new_tokens: int,
-                samples: int = 1, seed: int = 0) -> dict:
+def accuracy_of(
+    engine: RolloutEngine,
+    prompts: list,
+    answers: list,
+    max_new_tokens: int,
+    samples: int = 1,
+    seed: int = 0,
+) -> dict:
     started = time.perf_counter()
-    greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    greedy = engine.generate(
+        prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    )
     right = [is_correct(t, a) for t, a in zip(greedy.texts, answers)]
     result = {"accuracy": sum(right) / len(right), "n": len(right)}
     if samples > 1:
         sampled = engine.generate(
-            prompts, SamplingParams(n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+            prompts,
+            SamplingParams(n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed),
         )
         per_sample = torch.tensor(
             [is_correct(t, answers[int(g)]) for t, g in zip(sampled.texts, sampled.group_ids)]
@@ -43,10 +52,19 @@ def accuracy_of(engine: RolloutEngine, prompts: list, answers: list, max_new_tok
     return result
 
 
-def evaluate_model(model_dir: str, data_path: str, max_new_tokens: int = 16, samples: int = 1,
-                   limit: int | None = None, seed: int = 0, trust_remote_code: bool = False) -> dict:
+def evaluate_model(
+    model_dir: str,
+    data_path: str,
+    max_new_tokens: int = 16,
+    samples: int = 1,
+    limit: int | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> dict:
     rows = load_rows(data_path)
-    require_columns(rows, ["prompt", "answer"], data_path, "'prompt' and 'answer' (rl_*.jsonl rows)")
+    require_columns(
+        rows, ["prompt", "answer"], data_path, "'prompt' and 'answer' (rl_*.jsonl rows)"
+    )
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)

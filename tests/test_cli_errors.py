@@ -1,7 +1,6 @@
 """Bad input gets one clear line on stderr, exit status 2, and no traceback."""
 
 import pytest
-
 from conftest import run_cli, sft_overrides
 
 
@@ -27,27 +26,41 @@ def test_missing_data_file(base, tmp_path):
 def test_malformed_jsonl_line(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": \n')
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={bad}"),
-                "bad.jsonl:2", "malformed JSON")
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={bad}"),
+        "bad.jsonl:2",
+        "malformed JSON",
+    )
 
 
 def test_missing_column(base, tmp_path):
     bad = tmp_path / "cols.jsonl"
     bad.write_text('{"question": "a", "reply": "b"}\n')
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={bad}"),
-                "missing column", "'messages'", "found: question, reply")
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={bad}"),
+        "missing column",
+        "'messages'",
+        "found: question, reply",
+    )
 
 
 def test_unknown_recipe_key(base):
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, "optim.learning_rate=1e-3"),
-                "unknown key 'optim.learning_rate'")
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.max_step=3"),
-                "did you mean 'train.max_steps'")
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, "optim.learning_rate=1e-3"),
+        "unknown key 'optim.learning_rate'",
+    )
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.max_step=3"),
+        "did you mean 'train.max_steps'",
+    )
 
 
 def test_model_path_does_not_exist(base, tmp_path):
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, f"model.name_or_path={tmp_path}/nomodel"),
-                "model path does not exist", "nomodel")
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, f"model.name_or_path={tmp_path}/nomodel"),
+        "model path does not exist",
+        "nomodel",
+    )
 
 
 def test_missing_recipe(base):
@@ -55,5 +68,6 @@ def test_missing_recipe(base):
 
 
 def test_fp16_on_cpu_is_a_clear_error(base):
-    check_error(run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.mixed_precision=fp16"),
-                "fp16", "CUDA")
+    check_error(
+        run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.mixed_precision=fp16"), "fp16", "CUDA"
+    )

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from posttrain.algorithms import ALGORITHMS
-from posttrain.config import ConfigError, from_dict, load_recipe, parse_override
 from posttrain.algorithms.sft import SFTRecipe
+from posttrain.config import ConfigError, from_dict, load_recipe, parse_override
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -37,15 +37,25 @@ def test_unknown_key_suggests_nearest():
 def test_wrong_type_names_key():
     with pytest.raises(ConfigError, match=r"train.max_steps: expected an integer"):
         from_dict(SFTRecipe, {"train": {"max_steps": "many"}})
-    with pytest.raises(ConfigError, match=r"train.mixed_precision: 'bf61' is not one of .*did you mean 'bf16'"):
+    with pytest.raises(
+        ConfigError, match=r"train.mixed_precision: 'bf61' is not one of .*did you mean 'bf16'"
+    ):
         from_dict(SFTRecipe, {"train": {"mixed_precision": "bf61"}})
 
 
 def test_overrides_are_typed(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}}))
-    cfg = load_recipe(SFTRecipe, recipe, ["optim.lr=3e-4", "train.max_steps=50", "data.packing=true",
-                                           "model.lora.target_modules=[q_proj,v_proj]"])
+    cfg = load_recipe(
+        SFTRecipe,
+        recipe,
+        [
+            "optim.lr=3e-4",
+            "train.max_steps=50",
+            "data.packing=true",
+            "model.lora.target_modules=[q_proj,v_proj]",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.train.max_steps == 50
     assert cfg.data.packing is True

@@ -1,10 +1,9 @@
 import json
 
 import pytest
-import torch
 
 from posttrain.data.arithmetic import make_arithmetic
-from posttrain.data.collate import pack_collate, pad_collate, pack_rows
+from posttrain.data.collate import pack_collate, pack_rows, pad_collate
 from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
 from posttrain.data.loading import DataError, load_rows
 from posttrain.models.loading import load_tokenizer
@@ -21,12 +20,20 @@ def test_arithmetic_is_deterministic_and_held_out(tmp_path):
     for name in a:
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     make_arithmetic(tmp_path / "c", n=500, n_test=100, seed=4)
-    assert (tmp_path / "a" / "rl_test.jsonl").read_text() != (tmp_path / "c" / "rl_test.jsonl").read_text()
+    assert (tmp_path / "a" / "rl_test.jsonl").read_text() != (
+        tmp_path / "c" / "rl_test.jsonl"
+    ).read_text()
 
     def problems(kind, split):
         rows = read_jsonl(tmp_path / "a" / f"{kind}_{split}.jsonl")
-        texts = [r["messages"][0]["content"] if "messages" in r else r["prompt"][0]["content"] for r in rows]
-        return {tuple(int(x) for x in t.replace("?", " ").replace(".", " ").split() if x.isdigit()) for t in texts}
+        texts = [
+            r["messages"][0]["content"] if "messages" in r else r["prompt"][0]["content"]
+            for r in rows
+        ]
+        return {
+            tuple(int(x) for x in t.replace("?", " ").replace(".", " ").split() if x.isdigit())
+            for t in texts
+        }
 
     test_problems = problems("rl", "test")
     assert len(test_problems) == 100
@@ -37,7 +44,11 @@ def test_arithmetic_is_deterministic_and_held_out(tmp_path):
 def test_arithmetic_rows_are_consistent(tmp_path):
     make_arithmetic(tmp_path, n=200, n_test=50)
     for row in read_jsonl(tmp_path / "preference_train.jsonl"):
-        a, b = [int(x) for x in row["prompt"][0]["content"].replace("?", " ").replace(".", " ").split() if x.isdigit()]
+        a, b = [
+            int(x)
+            for x in row["prompt"][0]["content"].replace("?", " ").replace(".", " ").split()
+            if x.isdigit()
+        ]
         assert row["chosen"][0]["content"] == str(a + b)
         assert row["rejected"][0]["content"] != str(a + b)
     for row in read_jsonl(tmp_path / "rl_test.jsonl"):
@@ -46,13 +57,15 @@ def test_arithmetic_rows_are_consistent(tmp_path):
 
 def test_chat_loss_mask_covers_only_assistant_tokens(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 12 + 30?"},
-        {"role": "assistant", "content": "42"},
-        {"role": "user", "content": "And 1 + 1?"},
-        {"role": "assistant", "content": "2"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 12 + 30?"},
+            {"role": "assistant", "content": "42"},
+            {"role": "user", "content": "And 1 + 1?"},
+            {"role": "assistant", "content": "2"},
+        ]
+    }
     ex = encode_sft_row(tok, row, "messages", 512, "row")
     targets = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
     # Both assistant turns and their end-of-turn tokens, nothing else.
@@ -62,11 +75,20 @@ def test_chat_loss_mask_covers_only_assistant_tokens(tiny_model_dir):
 
 def test_prompt_completion_formats(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    conv = encode_sft_row(tok, {"prompt": [{"role": "user", "content": "Hi"}],
-                                "completion": [{"role": "assistant", "content": "Hello"}]},
-                          "prompt_completion", 512, "row")
+    conv = encode_sft_row(
+        tok,
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        },
+        "prompt_completion",
+        512,
+        "row",
+    )
     assert tok.decode([i for i, m in zip(conv.input_ids, conv.loss_mask) if m]) == "Hello<|end|>"
-    plain = encode_sft_row(tok, {"prompt": "2 + 2 =", "completion": " 4"}, "prompt_completion", 512, "row")
+    plain = encode_sft_row(
+        tok, {"prompt": "2 + 2 =", "completion": " 4"}, "prompt_completion", 512, "row"
+    )
     assert tok.decode([i for i, m in zip(plain.input_ids, plain.loss_mask) if m]) == " 4<|end|>"
     text = encode_sft_row(tok, {"text": "abc"}, "text", 512, "row")
     assert all(text.loss_mask)
@@ -77,7 +99,10 @@ def test_prompt_completion_formats(tiny_model_dir):
 def test_detect_format_errors():
     assert detect_format(["messages", "id"], "f.jsonl") == "messages"
     assert detect_format(["prompt", "completion"], "f.jsonl") == "prompt_completion"
-    with pytest.raises(DataError, match=r"f.jsonl: missing column; expected 'messages', or 'prompt' and 'completion', or 'text' \(found: question\)"):
+    with pytest.raises(
+        DataError,
+        match=r"f.jsonl: missing column; expected 'messages', or 'prompt' and 'completion', or 'text' \(found: question\)",
+    ):
         detect_format(["question"], "f.jsonl")
 
 

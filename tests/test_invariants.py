@@ -4,18 +4,20 @@ padded rows."""
 
 import torch
 from accelerate import Accelerator
+from conftest import REPO, sft_overrides
 
 from posttrain.algorithms.sft import SFT, SFTRecipe, forward_logits
 from posttrain.config import load_recipe
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.train.loop import accumulate_gradients
 
-from conftest import REPO, sft_overrides
-
 
 def build(tiny_model_dir, arithmetic_dir, tmp_path, **extra):
-    cfg = load_recipe(SFTRecipe, REPO / "recipes/sft_tiny.yaml",
-                      sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path, **extra))
+    cfg = load_recipe(
+        SFTRecipe,
+        REPO / "recipes/sft_tiny.yaml",
+        sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path, **extra),
+    )
     algo = SFT(cfg)
     accelerator = Accelerator(cpu=True)
     model = algo.setup(accelerator)
@@ -33,10 +35,18 @@ def grads_and_loss(algo, accelerator, model, step=0):
 
 
 def test_batch8_accum1_equals_batch1_accum8(tiny_model_dir, arithmetic_dir, tmp_path):
-    _, algo_a, acc_a, model_a = build(tiny_model_dir, arithmetic_dir, tmp_path / "a",
-                                      **{"train.batch_size": 8, "train.grad_accum": 1})
-    _, algo_b, acc_b, model_b = build(tiny_model_dir, arithmetic_dir, tmp_path / "b",
-                                      **{"train.batch_size": 1, "train.grad_accum": 8})
+    _, algo_a, acc_a, model_a = build(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path / "a",
+        **{"train.batch_size": 8, "train.grad_accum": 1},
+    )
+    _, algo_b, acc_b, model_b = build(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path / "b",
+        **{"train.batch_size": 1, "train.grad_accum": 8},
+    )
     grads_a, loss_a, n_a = grads_and_loss(algo_a, acc_a, model_a)
     grads_b, loss_b, n_b = grads_and_loss(algo_b, acc_b, model_b)
     assert (n_a, n_b) == (1, 8)
@@ -44,13 +54,14 @@ def test_batch8_accum1_equals_batch1_accum8(tiny_model_dir, arithmetic_dir, tmp_
     for name, g in grads_a.items():
         torch.testing.assert_close(g, grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
     # And the rows really differ in length, so a per-row mean would not have matched.
-    lengths = {int((b.attention_mask.sum())) for b in algo_b.micro_batches(0, acc_b, model_b)}
+    lengths = {int(b.attention_mask.sum()) for b in algo_b.micro_batches(0, acc_b, model_b)}
     assert len(lengths) > 1
 
 
 def test_packed_loss_equals_unpacked(tiny_model_dir, arithmetic_dir, tmp_path):
-    _, algo, accelerator, model = build(tiny_model_dir, arithmetic_dir, tmp_path,
-                                        **{"train.batch_size": 16, "data.max_length": 256})
+    _, algo, accelerator, model = build(
+        tiny_model_dir, arithmetic_dir, tmp_path, **{"train.batch_size": 16, "data.max_length": 256}
+    )
     examples = algo.train_data.examples[:16]
     model.eval()
     with torch.no_grad():
@@ -66,8 +77,9 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, arithmetic_dir, tmp_path):
 
 def test_packing_isolates_examples(tiny_model_dir, arithmetic_dir, tmp_path):
     """Changing one packed example must not change the logits of another in the same row."""
-    _, algo, _, model = build(tiny_model_dir, arithmetic_dir, tmp_path,
-                              **{"data.packing": True, "data.max_length": 256})
+    _, algo, _, model = build(
+        tiny_model_dir, arithmetic_dir, tmp_path, **{"data.packing": True, "data.max_length": 256}
+    )
     pool = sorted(algo.train_data.examples[:20], key=lambda e: len(e.input_ids))
     short, long = pool[0], pool[-1]
     assert len(long.input_ids) > len(short.input_ids)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli, sft_overrides
 
 pytestmark = pytest.mark.multiprocess
@@ -18,16 +17,38 @@ def losses(out):
 
 def test_torchrun_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_path):
     common = {"train.max_steps": 5, "optim.lr": 3e-3}
-    single = run_cli("sft", "recipes/sft_tiny.yaml",
-                     *sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "one",
-                                    **common, **{"train.batch_size": 8}))
+    single = run_cli(
+        "sft",
+        "recipes/sft_tiny.yaml",
+        *sft_overrides(
+            tiny_model_dir, arithmetic_dir, tmp_path / "one", **common, **{"train.batch_size": 8}
+        ),
+    )
     assert single.returncode == 0, single.stderr
-    args = sft_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 4})
+    args = sft_overrides(
+        tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 4}
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-         "-m", "posttrain", "sft", "recipes/sft_tiny.yaml", *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "posttrain",
+            "sft",
+            "recipes/sft_tiny.yaml",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -39,3 +60,57 @@ def test_torchrun_two_processes_matches_single(tiny_model_dir, arithmetic_dir, t
     assert summary["num_processes"] == 2 and "MULTI_CPU" in summary["distributed_type"]
     config = (tmp_path / "two" / "config.yaml").read_text()
     assert "batch_size: 4" in config
+
+
+def test_grpo_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_path):
+    """Each process generates whole groups (advantages over the complete group); with per-prompt
+    seeds the samples, rewards and updates equal a single-process run with the same global batch."""
+    from test_grpo import rl_overrides
+
+    common = {"train.max_steps": 3, "optim.lr": 1e-3, "grpo.beta": 0.04, "data.eval_path": ""}
+    single = run_cli(
+        "grpo",
+        "recipes/grpo_tiny.yaml",
+        *rl_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "one", **common),
+    )
+    assert single.returncode == 0, single.stderr
+    args = rl_overrides(
+        tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 8}
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29532",
+            "-m",
+            "posttrain",
+            "grpo",
+            "recipes/grpo_tiny.yaml",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_records = [
+        json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    ]
+    two_records = [
+        json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(one_records) == len(two_records) == 3
+    for a, b in zip(one_records, two_records):
+        for key in ("loss", "rewards/mean", "completion_length"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        # kl is a token mean per micro-batch averaged over processes: close, not identical
+        assert abs(a["kl"] - b["kl"]) < 0.05 * max(a["kl"], 1e-3), (a["kl"], b["kl"])
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO, run_cli
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.algorithms.dpo import DPO, DPORecipe
@@ -12,8 +13,6 @@ from posttrain.config import load_recipe
 from posttrain.data.loading import DataError
 from posttrain.data.preference import encode_preference_file
 from posttrain.models.loading import load_tokenizer
-
-from conftest import REPO, run_cli
 
 
 def pref_overrides(model_dir, data_dir, out, **extra):
@@ -47,8 +46,13 @@ def test_bad_pairs_are_counted_skips(tiny_model_dir, tmp_path):
     assert len(data.examples) == 2
     assert data.skipped == {"identical": 1, "empty": 1, "truncated_away": 0}
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps(
-        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}))
+    mixed.write_text(
+        json.dumps(rows[0])
+        + "\n"
+        + json.dumps(
+            {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
+        )
+    )
     with pytest.raises(DataError, match="mixed.jsonl: rows do not share one schema"):
         encode_preference_file(tok, str(mixed), max_length=64)
     missing = tmp_path / "m.jsonl"
@@ -57,10 +61,15 @@ def test_bad_pairs_are_counted_skips(tiny_model_dir, tmp_path):
         encode_preference_file(tok, str(missing), max_length=64)
 
 
-def test_rm_cli_trains_and_output_scores_with_plain_transformers(tiny_model_dir, arithmetic_dir, tmp_path):
+def test_rm_cli_trains_and_output_scores_with_plain_transformers(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
     out = tmp_path / "rm"
-    r = run_cli("rm", "recipes/rm_tiny.yaml", *pref_overrides(tiny_model_dir, arithmetic_dir, out,
-                                                               **{"train.max_steps": 6}))
+    r = run_cli(
+        "rm",
+        "recipes/rm_tiny.yaml",
+        *pref_overrides(tiny_model_dir, arithmetic_dir, out, **{"train.max_steps": 6}),
+    )
     assert r.returncode == 0, r.stderr
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"accuracy", "reward_chosen", "reward_rejected", "reward_margin"} <= records[0].keys()
@@ -73,7 +82,9 @@ def test_rm_cli_trains_and_output_scores_with_plain_transformers(tiny_model_dir,
 
 
 def build_dpo(model_dir, data_dir, out, **extra):
-    cfg = load_recipe(DPORecipe, REPO / "recipes/dpo_tiny.yaml", pref_overrides(model_dir, data_dir, out, **extra))
+    cfg = load_recipe(
+        DPORecipe, REPO / "recipes/dpo_tiny.yaml", pref_overrides(model_dir, data_dir, out, **extra)
+    )
     algo = DPO(cfg)
     accelerator = Accelerator(cpu=True)
     model = algo.setup(accelerator)
@@ -82,8 +93,9 @@ def build_dpo(model_dir, data_dir, out, **extra):
 
 def test_precomputed_reference_equals_live_reference(tiny_model_dir, arithmetic_dir, tmp_path):
     live, acc, live_model = build_dpo(tiny_model_dir, arithmetic_dir, tmp_path / "a")
-    cached, acc2, cached_model = build_dpo(tiny_model_dir, arithmetic_dir, tmp_path / "b",
-                                           **{"dpo.precompute_ref_logps": True})
+    cached, acc2, cached_model = build_dpo(
+        tiny_model_dir, arithmetic_dir, tmp_path / "b", **{"dpo.precompute_ref_logps": True}
+    )
     assert cached.reference is None and live.reference is not None
     assert cached.precompute_passes > 0
     batch_live = live.micro_batches(0, acc, live_model)[0]
@@ -91,26 +103,49 @@ def test_precomputed_reference_equals_live_reference(tiny_model_dir, arithmetic_
     assert batch_cached.ref_logps is not None and batch_live.ref_logps is None
     loss_live = live.compute_loss(live_model, batch_live)
     loss_cached = cached.compute_loss(cached_model, batch_cached)
-    assert abs(float(loss_live.total / loss_live.units) - float(loss_cached.total / loss_cached.units)) < 1e-5
+    assert (
+        abs(float(loss_live.total / loss_live.units) - float(loss_cached.total / loss_cached.units))
+        < 1e-5
+    )
     assert live.ref_forward_passes == 1 and cached.ref_forward_passes == 0
 
 
-def test_dpo_cli_with_precompute_makes_no_reference_passes(tiny_model_dir, arithmetic_dir, tmp_path):
+def test_dpo_cli_with_precompute_makes_no_reference_passes(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
     out = tmp_path / "dpo"
-    r = run_cli("dpo", "recipes/dpo_tiny.yaml", *pref_overrides(tiny_model_dir, arithmetic_dir, out, **{
-        "dpo.precompute_ref_logps": True, "optim.lr": 1e-3}))
+    r = run_cli(
+        "dpo",
+        "recipes/dpo_tiny.yaml",
+        *pref_overrides(
+            tiny_model_dir,
+            arithmetic_dir,
+            out,
+            **{"dpo.precompute_ref_logps": True, "optim.lr": 1e-3},
+        ),
+    )
     assert r.returncode == 0, r.stderr
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(rec["ref_forward_passes"] == 0 for rec in records)
-    for key in ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "logps_chosen"):
+    for key in (
+        "rewards_chosen",
+        "rewards_rejected",
+        "rewards_margin",
+        "rewards_accuracy",
+        "logps_chosen",
+    ):
         assert key in records[0]
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
 
 
 @pytest.mark.parametrize("loss_type", ["robust", "hinge", "ipo", "simpo"])
 def test_every_dpo_variant_runs(tiny_model_dir, arithmetic_dir, tmp_path, loss_type):
-    algo, acc, model = build_dpo(tiny_model_dir, arithmetic_dir, tmp_path, **{
-        "dpo.loss_type": loss_type, "dpo.label_smoothing": 0.1})
+    algo, acc, model = build_dpo(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path,
+        **{"dpo.loss_type": loss_type, "dpo.label_smoothing": 0.1},
+    )
     if loss_type == "simpo":
         assert algo.reference is None  # reference-free
     out = algo.compute_loss(model, algo.micro_batches(0, acc, model)[0])
@@ -120,7 +155,9 @@ def test_every_dpo_variant_runs(tiny_model_dir, arithmetic_dir, tmp_path, loss_t
 
 def test_lora_dpo_uses_disabled_adapter_and_merges(tiny_model_dir, arithmetic_dir, tmp_path):
     out = tmp_path / "lora"
-    r = run_cli("dpo", "recipes/dpo_tiny_lora.yaml", *pref_overrides(tiny_model_dir, arithmetic_dir, out))
+    r = run_cli(
+        "dpo", "recipes/dpo_tiny_lora.yaml", *pref_overrides(tiny_model_dir, arithmetic_dir, out)
+    )
     assert r.returncode == 0, r.stderr
     final = out / "final"
     assert (final / "adapter_config.json").is_file()
@@ -136,8 +173,12 @@ def test_lora_dpo_uses_disabled_adapter_and_merges(tiny_model_dir, arithmetic_di
 
 
 def test_lora_reference_is_the_base_model(tiny_model_dir, arithmetic_dir, tmp_path):
-    algo, acc, model = build_dpo(tiny_model_dir, arithmetic_dir, tmp_path, **{
-        "model.lora.r": 4, "dpo.precompute_ref_logps": False})
+    algo, acc, model = build_dpo(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path,
+        **{"model.lora.r": 4, "dpo.precompute_ref_logps": False},
+    )
     assert algo.reference is None  # no second copy of the weights
     batch = algo.micro_batches(0, acc, model)[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

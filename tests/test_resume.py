@@ -4,16 +4,24 @@ uninterrupted run; a run SIGKILLed in the middle of a save resumes from the last
 import json
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli, sft_overrides
+from safetensors.torch import load_file
 
 STEPS = 6
 
 
 def run(tiny_model_dir, arithmetic_dir, out, *extra, env=None):
-    args = sft_overrides(tiny_model_dir, arithmetic_dir, out, **{
-        "train.max_steps": STEPS, "train.save_every": 2, "optim.lr": 3e-3, "train.keep_checkpoints": 3})
+    args = sft_overrides(
+        tiny_model_dir,
+        arithmetic_dir,
+        out,
+        **{
+            "train.max_steps": STEPS,
+            "train.save_every": 2,
+            "optim.lr": 3e-3,
+            "train.keep_checkpoints": 3,
+        },
+    )
     return run_cli("sft", "recipes/sft_tiny.yaml", *args, *extra, env=env)
 
 
@@ -27,13 +35,19 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
 
 
-def test_resume_matches_uninterrupted_and_survives_kill_mid_save(tiny_model_dir, arithmetic_dir, tmp_path):
+def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
     full = run(tiny_model_dir, arithmetic_dir, tmp_path / "full")
     assert full.returncode == 0, full.stderr
 
     # Killed (SIGKILL) right after the step-2 checkpoint completed, then resumed.
-    stopped = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped",
-                  env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"})
+    stopped = run(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path / "stopped",
+        env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"},
+    )
     assert stopped.returncode == -9
     assert not (tmp_path / "stopped" / "final").exists()
     resumed = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped", "--resume")
@@ -42,8 +56,12 @@ def test_resume_matches_uninterrupted_and_survives_kill_mid_save(tiny_model_dir,
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
 
     # Killed in the middle of writing the step-4 checkpoint: step 4 must not count as saved.
-    crashed = run(tiny_model_dir, arithmetic_dir, tmp_path / "crashed",
-                  env={"POSTTRAIN_FAULT_INJECT": "sigkill_during_save:4"})
+    crashed = run(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path / "crashed",
+        env={"POSTTRAIN_FAULT_INJECT": "sigkill_during_save:4"},
+    )
     assert crashed.returncode == -9
     ckpts = tmp_path / "crashed" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-0000004", "step-0000002"]
@@ -54,5 +72,10 @@ def test_resume_matches_uninterrupted_and_survives_kill_mid_save(tiny_model_dir,
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "crashed"))
 
     # The metrics file continues rather than restarting.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == STEPS and steps.count(3) == 2  # steps 3-4 were run twice: before and after the crash
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert (
+        steps[-1] == STEPS and steps.count(3) == 2
+    )  # steps 3-4 were run twice: before and after the crash

@@ -3,17 +3,27 @@
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import run_cli, sft_overrides
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def test_sft_cli_trains_saves_and_generates(tiny_model_dir, arithmetic_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("sft", "recipes/sft_tiny.yaml",
-                     *sft_overrides(tiny_model_dir, arithmetic_dir, out, **{
-                         "train.max_steps": 12, "data.eval_path": arithmetic_dir / "sft_test.jsonl",
-                         "train.eval_every": 6, "optim.lr": 3e-3}))
+    result = run_cli(
+        "sft",
+        "recipes/sft_tiny.yaml",
+        *sft_overrides(
+            tiny_model_dir,
+            arithmetic_dir,
+            out,
+            **{
+                "train.max_steps": 12,
+                "data.eval_path": arithmetic_dir / "sft_test.jsonl",
+                "train.eval_every": 6,
+                "optim.lr": 3e-3,
+            },
+        ),
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -27,8 +37,12 @@ def test_sft_cli_trains_saves_and_generates(tiny_model_dir, arithmetic_dir, tmp_
     final = out / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 34?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 34?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
 

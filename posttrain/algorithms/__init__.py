@@ -3,8 +3,15 @@
 ALGORITHMS maps a CLI command to (recipe class, algorithm class).
 """
 
+from posttrain.algorithms.dpo import DPO, DPORecipe
+from posttrain.algorithms.grpo import GRPO, GRPORecipe, KimiRecipe
+from posttrain.algorithms.reward_model import RewardModel, RMRecipe
 from posttrain.algorithms.sft import SFT, SFTRecipe
 
 ALGORITHMS = {
     "sft": (SFTRecipe, SFT),
+    "rm": (RMRecipe, RewardModel),
+    "dpo": (DPORecipe, DPO),
+    "grpo": (GRPORecipe, GRPO),
+    "kimi": (KimiRecipe, GRPO),
 }

@@ -130,7 +130,9 @@ class StepSampler:
         return step * size / self.num_examples
 
 
-def local_micro_indices(global_indices: list[int], micro_batch: int, accelerator: Accelerator) -> list[list[int]]:
+def local_micro_indices(
+    global_indices: list[int], micro_batch: int, accelerator: Accelerator
+) -> list[list[int]]:
     """Split a global batch into this process's micro-batches.
 
     Micro-batch m of process r holds slice [(m*world + r)*b, (m*world + r + 1)*b).

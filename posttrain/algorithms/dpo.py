@@ -52,7 +52,9 @@ class DPORecipe(BaseRecipe):
 
 def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts: (2B,), (2B,)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits
     mask = batch.labels != -100  # (2B, T)
     per_token = selective_log_softmax(logits, batch.labels.clamp(min=0))  # (2B, T)
     return (per_token * mask).sum(-1), mask.sum(-1)
@@ -67,23 +69,36 @@ class DPO(OfflineAlgorithm):
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
-        self.train_data = encode_preference_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
+        self.train_data = encode_preference_file(
+            self.tokenizer, cfg.data.train_path, cfg.data.max_length
+        )
         self.train_examples = self.train_data.examples
         log_data(accelerator, "dpo", cfg.data.train_path, self.train_data, cfg.data.max_length)
         self.eval_examples = []
         if cfg.data.eval_path:
             self.eval_examples = encode_preference_file(
-                self.tokenizer, cfg.data.eval_path, cfg.data.max_length, limit=cfg.data.max_eval_examples
+                self.tokenizer,
+                cfg.data.eval_path,
+                cfg.data.max_length,
+                limit=cfg.data.max_eval_examples,
             ).examples
         self.ref_forward_passes = 0
         self.reference = None
         self.needs_reference = cfg.dpo.loss_type != "simpo"
         if self.needs_reference and not (is_peft_model(model) and not cfg.dpo.reference):
-            ref_cfg = cfg.model if not cfg.dpo.reference else type(cfg.model)(
-                name_or_path=cfg.dpo.reference, dtype=cfg.model.dtype,
-                trust_remote_code=cfg.model.trust_remote_code,
-                attn_implementation=cfg.model.attn_implementation)
-            self.reference = load_causal_lm(ref_cfg).to(accelerator.device).eval().requires_grad_(False)
+            ref_cfg = (
+                cfg.model
+                if not cfg.dpo.reference
+                else type(cfg.model)(
+                    name_or_path=cfg.dpo.reference,
+                    dtype=cfg.model.dtype,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    attn_implementation=cfg.model.attn_implementation,
+                )
+            )
+            self.reference = (
+                load_causal_lm(ref_cfg).to(accelerator.device).eval().requires_grad_(False)
+            )
         if self.needs_reference and cfg.dpo.precompute_ref_logps:
             model.to(accelerator.device)
             for examples in (self.train_examples, self.eval_examples):
@@ -139,11 +154,15 @@ class DPO(OfflineAlgorithm):
             else:
                 ref = self.reference_logps(model, batch)
                 ref_chosen, ref_rejected = ref[:b], ref[b:]
-        return PreferenceLogps(logps[:b], logps[b:], ref_chosen, ref_rejected, lengths[:b], lengths[b:])
+        return PreferenceLogps(
+            logps[:b], logps[b:], ref_chosen, ref_rejected, lengths[:b], lengths[b:]
+        )
 
     def compute_loss(self, model, batch) -> LossOutput:
         d = self.cfg.dpo
-        out = DPO_LOSSES[d.loss_type](self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma)
+        out = DPO_LOSSES[d.loss_type](
+            self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma
+        )
         out.metrics["ref_forward_passes"] = torch.tensor(float(self.ref_forward_passes))
         return out
 
@@ -157,9 +176,16 @@ class DPO(OfflineAlgorithm):
         passes = self.ref_forward_passes  # evaluation's reference passes are not training's
         for batch in self.eval_batches(self.eval_examples, accelerator):
             with accelerator.autocast():
-                out = DPO_LOSSES[d.loss_type](self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma)
-            totals += torch.stack([out.total.float(), out.units.float(),
-                                   out.metrics["rewards_accuracy"].float() * out.units.float()])
+                out = DPO_LOSSES[d.loss_type](
+                    self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma
+                )
+            totals += torch.stack(
+                [
+                    out.total.float(),
+                    out.units.float(),
+                    out.metrics["rewards_accuracy"].float() * out.units.float(),
+                ]
+            )
         self.ref_forward_passes = passes
         totals = accelerator.reduce(totals, reduction="sum")
         model.train()

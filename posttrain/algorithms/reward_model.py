@@ -35,7 +35,9 @@ class RMRecipe(BaseRecipe):
     """Reward-model loss settings."""
 
 
-def log_data(accelerator: Accelerator, name: str, path: str, data: PreferenceData, max_length: int) -> None:
+def log_data(
+    accelerator: Accelerator, name: str, path: str, data: PreferenceData, max_length: int
+) -> None:
     if accelerator.is_main_process:
         skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items())
         accelerator.print(
@@ -53,13 +55,18 @@ class RewardModel(OfflineAlgorithm):
         model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
-        self.train_data = encode_preference_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
+        self.train_data = encode_preference_file(
+            self.tokenizer, cfg.data.train_path, cfg.data.max_length
+        )
         self.train_examples = self.train_data.examples
         log_data(accelerator, "rm", cfg.data.train_path, self.train_data, cfg.data.max_length)
         self.eval_data = None
         if cfg.data.eval_path:
             self.eval_data = encode_preference_file(
-                self.tokenizer, cfg.data.eval_path, cfg.data.max_length, limit=cfg.data.max_eval_examples
+                self.tokenizer,
+                cfg.data.eval_path,
+                cfg.data.max_length,
+                limit=cfg.data.max_eval_examples,
             )
         self.init_sampler(accelerator)
         return model
@@ -71,7 +78,9 @@ class RewardModel(OfflineAlgorithm):
         return batch.num_pairs
 
     def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        scores = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).logits
         scores = scores.squeeze(-1).float()  # (2B,)
         return scores[: batch.num_pairs], scores[batch.num_pairs :]
 

@@ -30,7 +30,9 @@ class EncodedData:
     skipped: int
 
 
-def encode_sft_file(tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None) -> EncodedData:
+def encode_sft_file(
+    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None
+) -> EncodedData:
     """Load and tokenize an SFT data file; rows with no target tokens are skipped and counted."""
     rows = load_rows(path)
     fmt = detect_format(rows.column_names, path, fmt)
@@ -45,7 +47,9 @@ def encode_sft_file(tokenizer, path: str, fmt: str, max_length: int, limit: int 
             continue
         examples.append(ex)
     if not examples:
-        raise DataError(f"{path}: no usable rows ({skipped} had no completion tokens within max_length)")
+        raise DataError(
+            f"{path}: no usable rows ({skipped} had no completion tokens within max_length)"
+        )
     return EncodedData(examples, truncated, skipped)
 
 
@@ -67,11 +71,16 @@ class SFT(OfflineAlgorithm):
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
-        self.train_data = encode_sft_file(self.tokenizer, cfg.data.train_path, cfg.data.format, cfg.data.max_length)
+        self.train_data = encode_sft_file(
+            self.tokenizer, cfg.data.train_path, cfg.data.format, cfg.data.max_length
+        )
         self.eval_data = None
         if cfg.data.eval_path:
             self.eval_data = encode_sft_file(
-                self.tokenizer, cfg.data.eval_path, cfg.data.format, cfg.data.max_length,
+                self.tokenizer,
+                cfg.data.eval_path,
+                cfg.data.format,
+                cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
             )
         self.train_examples = self.train_data.examples
@@ -104,8 +113,13 @@ class SFT(OfflineAlgorithm):
         for batch in self.eval_batches(self.eval_data.examples, accelerator):
             with accelerator.autocast():
                 out = self.compute_loss(model, batch)
-            totals += torch.stack([out.total.float(), out.units.float(),
-                                   out.metrics["token_accuracy"].float() * out.units.float()])
+            totals += torch.stack(
+                [
+                    out.total.float(),
+                    out.units.float(),
+                    out.metrics["token_accuracy"].float() * out.units.float(),
+                ]
+            )
         totals = accelerator.reduce(totals, reduction="sum")
         model.train()
         units = max(float(totals[1]), 1.0)

@@ -27,9 +27,13 @@ class TensorBatch:
 @dataclass(frozen=True)
 class SFTBatch(TensorBatch):
     input_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T) next-token target at each position, -100 = no loss (already shifted)
+    labels: (
+        torch.Tensor
+    )  # (B, T) next-token target at each position, -100 = no loss (already shifted)
     position_ids: torch.Tensor  # (B, T) restart at 0 for every packed example
-    attention_mask: torch.Tensor | None  # (B, T) for padded rows; None when packed (mask from position_ids)
+    attention_mask: (
+        torch.Tensor | None
+    )  # (B, T) for padded rows; None when packed (mask from position_ids)
     num_tokens: int  # non-pad tokens, for throughput
 
     @property
@@ -46,7 +50,9 @@ class PreferenceBatch(TensorBatch):
     labels: torch.Tensor  # (2B, T) shifted targets on completion tokens, -100 elsewhere
     margin: torch.Tensor | None  # (B,) optional per-pair reward-model margin
     num_tokens: int
-    ref_logps: torch.Tensor | None = None  # (B, 2) precomputed reference [chosen, rejected] log-probs
+    ref_logps: torch.Tensor | None = (
+        None  # (B, 2) precomputed reference [chosen, rejected] log-probs
+    )
 
     @property
     def num_pairs(self) -> int:

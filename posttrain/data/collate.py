@@ -72,7 +72,9 @@ def pack_collate(examples: list[EncodedExample], pad_id: int, row_length: int) -
             ex = examples[i]
             n = len(ex.input_ids)
             input_ids[row, start : start + n] = torch.tensor(ex.input_ids)
-            labels[row, start : start + n] = torch.tensor(shifted_labels(ex.input_ids, ex.loss_mask))
+            labels[row, start : start + n] = torch.tensor(
+                shifted_labels(ex.input_ids, ex.loss_mask)
+            )
             position_ids[row, start : start + n] = torch.arange(n)
             start += n
         num_tokens += start

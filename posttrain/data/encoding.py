@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from posttrain.data.loading import DataError
 
 FORMATS = ("messages", "prompt_completion", "text")
-FORMAT_COLUMNS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
+FORMAT_COLUMNS = {
+    "messages": ["messages"],
+    "prompt_completion": ["prompt", "completion"],
+    "text": ["text"],
+}
 EXPECTED = "'messages', or 'prompt' and 'completion', or 'text'"
 
 
@@ -64,7 +68,9 @@ def _check_messages(messages, where: str) -> None:
             raise DataError(f"{where}: every message needs 'role' and 'content', got {m!r}")
 
 
-def encode_chat(tokenizer, messages: list[dict], where: str, train_from: int = 0) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer, messages: list[dict], where: str, train_from: int = 0
+) -> tuple[list[int], list[int]]:
     """Token ids of the whole chat and a mask over assistant turns at index >= train_from."""
     _check_messages(messages, where)
     ids: list[int] = []
@@ -96,13 +102,19 @@ def encode_prompt(tokenizer, prompt, where: str) -> list[int]:
         return render_chat(tokenizer, prompt, add_generation_prompt=True)
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    raise DataError(f"{where}: prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    raise DataError(
+        f"{where}: prompt must be a string or a list of messages, got {type(prompt).__name__}"
+    )
 
 
-def encode_prompt_completion(tokenizer, prompt, completion, where: str) -> tuple[list[int], list[int]]:
+def encode_prompt_completion(
+    tokenizer, prompt, completion, where: str
+) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) for a prompt and its completion; loss on the completion only."""
     if isinstance(prompt, list) != isinstance(completion, list):
-        raise DataError(f"{where}: prompt and completion must both be strings or both message lists")
+        raise DataError(
+            f"{where}: prompt and completion must both be strings or both message lists"
+        )
     if isinstance(completion, list):
         _check_messages(completion, where)
         return encode_chat(tokenizer, prompt + completion, where, train_from=len(prompt))

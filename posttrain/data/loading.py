@@ -27,9 +27,13 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})"
+                ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -44,7 +48,9 @@ def load_rows(path: str | Path, split: str = "train") -> datasets.Dataset:
         try:
             loaded = datasets.load_from_disk(text)
         except FileNotFoundError:
-            raise DataError(f"{p}: a directory, but not one written by datasets.save_to_disk") from None
+            raise DataError(
+                f"{p}: a directory, but not one written by datasets.save_to_disk"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{p}: no split {split!r} (has {', '.join(loaded)})")
@@ -74,7 +80,9 @@ def load_rows(path: str | Path, split: str = "train") -> datasets.Dataset:
         try:
             return datasets.load_dataset(text, split=split)
         except Exception as e:
-            raise DataError(f"{text}: not a local file and not loadable from the hub: {e}") from None
+            raise DataError(
+                f"{text}: not a local file and not loadable from the hub: {e}"
+            ) from None
     raise DataError(f"data file not found: {p}")
 
 

@@ -48,7 +48,9 @@ def _answer_text(answer) -> str:
     return answer if isinstance(answer, str) else ""
 
 
-def encode_preference_file(tokenizer, path: str, max_length: int, limit: int | None = None) -> PreferenceData:
+def encode_preference_file(
+    tokenizer, path: str, max_length: int, limit: int | None = None
+) -> PreferenceData:
     rows = load_rows(path)
     require_columns(rows, REQUIRED, path, "'prompt', 'chosen', 'rejected' (optional 'margin')")
     has_margin = "margin" in rows.column_names
@@ -70,7 +72,12 @@ def encode_preference_file(tokenizer, path: str, max_length: int, limit: int | N
         r_ids, r_mask = encode_prompt_completion(tokenizer, row["prompt"], row["rejected"], where)
         if len(c_ids) > max_length or len(r_ids) > max_length:
             truncated += 1
-            c_ids, c_mask, r_ids, r_mask = c_ids[:max_length], c_mask[:max_length], r_ids[:max_length], r_mask[:max_length]
+            c_ids, c_mask, r_ids, r_mask = (
+                c_ids[:max_length],
+                c_mask[:max_length],
+                r_ids[:max_length],
+                r_mask[:max_length],
+            )
             if sum(c_mask[1:]) == 0 or sum(r_mask[1:]) == 0:
                 skipped["truncated_away"] += 1
                 continue
@@ -83,7 +90,9 @@ def encode_preference_file(tokenizer, path: str, max_length: int, limit: int | N
 
 def preference_collate(examples: list[PreferenceExample], pad_id: int) -> PreferenceBatch:
     """Chosen rows then rejected rows, right-padded to one width: one forward pass for both."""
-    sequences = [(e.chosen_ids, e.chosen_mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
+    sequences = [(e.chosen_ids, e.chosen_mask) for e in examples] + [
+        (e.rejected_ids, e.rejected_mask) for e in examples
+    ]
     width = max(len(ids) for ids, _ in sequences)
     rows = len(sequences)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -97,4 +106,6 @@ def preference_collate(examples: list[PreferenceExample], pad_id: int) -> Prefer
     refs = None
     if all(e.ref_chosen is not None for e in examples):
         refs = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
-    return PreferenceBatch(input_ids, attention_mask, labels, margin, int(attention_mask.sum()), refs)
+    return PreferenceBatch(
+        input_ids, attention_mask, labels, margin, int(attention_mask.sum()), refs
+    )

@@ -25,7 +25,9 @@ def check_model_path(name_or_path: str) -> None:
     if not name_or_path:
         raise ModelError("model.name_or_path is empty: give a model directory or hub id")
     p = Path(name_or_path)
-    looks_local = p.is_absolute() or name_or_path.startswith(".") or p.exists() or name_or_path.count("/") > 1
+    looks_local = (
+        p.is_absolute() or name_or_path.startswith(".") or p.exists() or name_or_path.count("/") > 1
+    )
     if looks_local:
         if not p.is_dir():
             raise ModelError(f"model path does not exist: {name_or_path}")
@@ -77,12 +79,16 @@ def quantization_config(lora: LoraConfig):
             "this machine has no GPU: set it to false"
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
-        raise ModelError("model.lora.load_in_4bit=true needs bitsandbytes: pip install bitsandbytes") from None
+        raise ModelError(
+            "model.lora.load_in_4bit=true needs bitsandbytes: pip install bitsandbytes"
+        ) from None
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
 

@@ -17,25 +17,41 @@ from posttrain.models.tokenizer import build_tokenizer
 # Sizes: tiny ~1.1M parameters (tests, demo), small ~28M (benchmarks).
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        max_position_embeddings=512,
     ),
     "small": dict(
-        hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=2048, max_position_embeddings=1024,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
+        max_position_embeddings=1024,
     ),
 }
 
 # Mixture-of-experts architectures get small expert MLPs so the tiny preset stays tiny.
 MOE_OVERRIDES: dict[str, dict] = {
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
-                      decoder_sparse_step=1, output_router_logits=False, head_dim=32),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        decoder_sparse_step=1,
+        output_router_logits=False,
+        head_dim=32,
+    ),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
 ARCHES = ("llama", "qwen3", "qwen3_moe", "mixtral")
 
 
-def model_config(preset: str, arch: str, tokenizer) -> "AutoConfig":
+def model_config(preset: str, arch: str, tokenizer) -> AutoConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
     if arch not in ARCHES:

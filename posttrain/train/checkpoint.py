@@ -34,10 +34,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir()
+        p
+        for p in root.iterdir()
         if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE_MARKER).is_file()
     ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -45,8 +46,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int,
-                    extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    keep: int,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Save the full training state for `step`; every process must call this."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:07d}"

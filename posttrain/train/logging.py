@@ -9,13 +9,19 @@ import time
 from pathlib import Path
 
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False,
-                 append: bool = False):
+    def __init__(
+        self, output_dir: str | Path, enabled: bool, tensorboard: bool = False, append: bool = False
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
@@ -36,7 +42,10 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()
+        }
         record = {"step": step, "time": round(time.time(), 3), **clean}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -60,8 +69,12 @@ class ProgressBar:
         if not enabled:
             return
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total, completed=start, status="")

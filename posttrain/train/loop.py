@@ -84,7 +84,9 @@ def make_accelerator(cfg: BaseRecipe) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=on_cpu, step_scheduler_with_optimizer=False)
 
 
-def train(cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None) -> TrainResult:
+def train(
+    cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
+) -> TrainResult:
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
@@ -114,7 +116,9 @@ def train(cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
     logger = MetricsLogger(out, main, cfg.logging.tensorboard, append=resumed_from is not None)
-    bar = ProgressBar(cfg.train.max_steps, algorithm.name, main and cfg.logging.progress, state.step)
+    bar = ProgressBar(
+        cfg.train.max_steps, algorithm.name, main and cfg.logging.progress, state.step
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     window = _MetricWindow()
@@ -147,13 +151,17 @@ def train(cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None
             metrics = window.summarise(accelerator, time.perf_counter() - t_window)
             state.tokens_seen += int(metrics.get("tokens", 0))
             metrics.update(
-                lr=scheduler.get_last_lr()[0], epoch=_epoch(algorithm, state.step),
-                nonfinite_steps=state.nonfinite_steps, tokens_seen=state.tokens_seen,
+                lr=scheduler.get_last_lr()[0],
+                epoch=_epoch(algorithm, state.step),
+                nonfinite_steps=state.nonfinite_steps,
+                tokens_seen=state.tokens_seen,
             )
             t_window = time.perf_counter()
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             if eval_now or is_last:
-                metrics.update({f"eval/{k}": v for k, v in algorithm.evaluate(model, accelerator).items()})
+                metrics.update(
+                    {f"eval/{k}": v for k, v in algorithm.evaluate(model, accelerator).items()}
+                )
             logger.log(state.step, metrics)
             last_metrics = metrics
             bar.update(state.step, _status(metrics))
@@ -164,7 +172,10 @@ def train(cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None
             is_last and cfg.train.save_every > 0
         ):
             ckpt.save_checkpoint(
-                accelerator, out, state.step, cfg.train.keep_checkpoints,
+                accelerator,
+                out,
+                state.step,
+                cfg.train.keep_checkpoints,
                 extra_files={"config.yaml": (out / "config.yaml").read_text()} if main else None,
             )
 
@@ -177,21 +188,35 @@ def train(cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None
         algorithm.save_final(accelerator.unwrap_model(model), final)
         save_config(cfg, final / "posttrain_config.yaml")
         (out / "train_summary.json").write_text(
-            json.dumps({"steps": state.step, "nonfinite_steps": state.nonfinite_steps,
-                        "num_processes": accelerator.num_processes,
-                        "distributed_type": str(accelerator.distributed_type),
-                        "seconds": time.perf_counter() - started, **_jsonable(last_metrics)}, indent=1)
+            json.dumps(
+                {
+                    "steps": state.step,
+                    "nonfinite_steps": state.nonfinite_steps,
+                    "num_processes": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type),
+                    "seconds": time.perf_counter() - started,
+                    **_jsonable(last_metrics),
+                },
+                indent=1,
+            )
         )
     accelerator.wait_for_everyone()
     return TrainResult(out, final, state.step, last_metrics, time.perf_counter() - started)
 
 
-def accumulate_gradients(accelerator: Accelerator, model, algorithm: Algorithm, batches: list,
-                         window: "_MetricWindow | None" = None) -> torch.Tensor:
+def accumulate_gradients(
+    accelerator: Accelerator,
+    model,
+    algorithm: Algorithm,
+    batches: list,
+    window: _MetricWindow | None = None,
+) -> torch.Tensor:
     """Back-propagate this process's micro-batches so that the summed gradient equals that of
     one batch made of every micro-batch on every process; returns the global unit count."""
     local_units = float(sum(algorithm.num_units(b) for b in batches))
-    global_units = accelerator.reduce(torch.tensor(local_units, device=accelerator.device), reduction="sum")
+    global_units = accelerator.reduce(
+        torch.tensor(local_units, device=accelerator.device), reduction="sum"
+    )
     # DDP averages gradients over processes, hence the world-size factor.
     scale = accelerator.num_processes / global_units.clamp(min=1.0)
     for i, batch in enumerate(batches):
@@ -274,4 +299,8 @@ def _status(metrics: dict) -> str:
 
 
 def _jsonable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v))}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v))
+    }

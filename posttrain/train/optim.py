@@ -33,7 +33,9 @@ def parameter_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.AdamW:
     groups = parameter_groups(model, cfg)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
@@ -49,7 +51,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        cfg.scheduler
+    ]
     return get_scheduler(
         name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1)
     )

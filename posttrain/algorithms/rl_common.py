@@ -1,0 +1,193 @@
+"""Pieces every online RL algorithm shares: prompt data, prompt sampling (uniform or
+prioritised by failure rate), reward-function configs, reference models, and the
+conversion of a scored rollout into policy micro-batches.
+
+Process layout: a step's global set of prompts is chosen identically on every process (same
+seed, same step), and each process generates the complete groups of its contiguous share, so
+group statistics never need a collective; batch-wide statistics are gathered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.data.batches import PolicyBatch
+from posttrain.data.loading import DataError, load_rows, require_columns
+from posttrain.models.loading import is_peft_model, load_causal_lm
+from posttrain.rollout import RolloutBatch, sequence_logprobs
+from posttrain.scoring import RewardSpec, Scorer
+
+
+@dataclass
+class RewardFunctionConfig:
+    name: str = "accuracy"
+    """A built-in reward (accuracy, format, kimi_length, overlong, digit_overlap, code_output,
+    reward_model) or `module:function` for user code."""
+    weight: float = 1.0
+    """Weight of this function in the summed reward."""
+    params: dict = field(default_factory=dict)
+    """Keyword arguments for the function's factory (e.g. path for reward_model)."""
+
+
+def build_scorer(
+    functions: list[RewardFunctionConfig], failure_reward: float, timeout_s: float
+) -> Scorer:
+    specs = [RewardSpec(name=f.name, weight=f.weight, params=dict(f.params)) for f in functions]
+    if not specs:
+        raise DataError("at least one reward function is needed (section rewards)")
+    return Scorer(
+        specs, failure_reward=failure_reward, timeout_s=timeout_s if timeout_s > 0 else None
+    )
+
+
+class PromptData:
+    """Prompt rows plus their other columns (passed to reward functions)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows = load_rows(path)
+        require_columns(
+            self.rows,
+            ["prompt"],
+            path,
+            "'prompt' (and the columns your rewards read, e.g. 'answer')",
+        )
+        self.columns = [c for c in self.rows.column_names if c != "prompt"]
+        self.prompts = self.rows["prompt"]
+        self.extra = {c: self.rows[c] for c in self.columns}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def columns_for(self, indices: list[int], repeat: int) -> dict[str, list]:
+        """Each column's values for the samples of `indices`, every value repeated `repeat` times."""
+        return {
+            c: [values[i] for i in indices for _ in range(repeat)]
+            for c, values in self.extra.items()
+        }
+
+
+class PrioritizedSampler:
+    """Kimi k1.5 curriculum: draw prompts with probability ∝ (1 - success rate so far).
+
+    Unseen prompts count as never solved (weight 1); a floor keeps solved ones drawable.
+    Every process draws the same prompts (generator seeded by seed and step) and applies the
+    same gathered updates, so the state stays identical across processes.
+    """
+
+    def __init__(self, num_prompts: int, seed: int, floor: float = 0.05):
+        self.seed = seed
+        self.floor = floor
+        self.attempts = torch.zeros(num_prompts)
+        self.successes = torch.zeros(num_prompts)
+
+    def draw(self, step: int, count: int) -> list[int]:
+        rate = self.successes / self.attempts.clamp(min=1)
+        weights = (1.0 - rate).clamp(min=self.floor)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        replacement = count > len(weights)
+        return torch.multinomial(
+            weights, count, replacement=replacement, generator=generator
+        ).tolist()
+
+    def update(self, indices: list[int], successes: list[float]) -> None:
+        for i, s in zip(indices, successes):
+            self.attempts[i] += 1
+            self.successes[i] += float(s)
+
+    def state_dict(self) -> dict:
+        return {"attempts": self.attempts.tolist(), "successes": self.successes.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.attempts = torch.tensor(state["attempts"])
+        self.successes = torch.tensor(state["successes"])
+
+
+def process_share(global_indices: list[int], accelerator: Accelerator) -> list[int]:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = len(global_indices) // world
+    return global_indices[rank * per : (rank + 1) * per]
+
+
+def load_reference(cfg_model, reference_path: str, policy, device) -> torch.nn.Module | None:
+    """A frozen reference, or None when the policy is a LoRA model (then the reference is the
+    same model with its adapter disabled: no second copy of the weights)."""
+    if is_peft_model(policy) and not reference_path:
+        return None
+    ref_cfg = (
+        cfg_model
+        if not reference_path
+        else type(cfg_model)(
+            name_or_path=reference_path,
+            dtype=cfg_model.dtype,
+            trust_remote_code=cfg_model.trust_remote_code,
+            attn_implementation=cfg_model.attn_implementation,
+        )
+    )
+    return load_causal_lm(ref_cfg).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    reference, policy, rollout: RolloutBatch, temperature: float, chunk: int
+) -> torch.Tensor:
+    """(N, C) log-probs of the sampled tokens under the reference (chunked forward passes)."""
+    out = []
+    for part in rollout.split(chunk):
+        args = (
+            part.prompt_ids,
+            part.prompt_mask,
+            part.completion_ids,
+            part.completion_mask,
+            temperature,
+        )
+        if reference is not None:
+            out.append(sequence_logprobs(reference, *args))
+        else:
+            unwrapped = policy.module if hasattr(policy, "module") else policy
+            with unwrapped.disable_adapter():
+                out.append(sequence_logprobs(unwrapped, *args))
+    return torch.cat(out)
+
+
+def to_policy_batches(
+    rollout: RolloutBatch,
+    advantages: torch.Tensor,
+    rewards: torch.Tensor,
+    loss_mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    micro_batch: int,
+) -> list[PolicyBatch]:
+    """Split a scored rollout into micro-batches of `micro_batch` sequences."""
+    batches = []
+    for start in range(0, len(rollout), micro_batch):
+        rows = slice(start, start + micro_batch)
+        prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+        batches.append(
+            PolicyBatch(
+                prompt_ids=rollout.prompt_ids[rows],
+                prompt_mask=prompt_mask,
+                completion_ids=rollout.completion_ids[rows],
+                completion_mask=loss_mask[rows],
+                advantages=advantages[rows],
+                rewards=rewards[rows],
+                old_logprobs=None if old_logprobs is None else old_logprobs[rows],
+                ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                num_tokens=int(prompt_mask.sum() + completion_mask.sum()),
+            )
+        )
+    return batches
+
+
+def reduce_means(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over processes (one collective)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    return dict(zip(keys, values))
