@@ -1,7 +1,25 @@
-"""Bad input gets one clear line on stderr, exit status 2, and no traceback."""
+"""Bad input gets one clear line on stderr, exit status 2, and no traceback.
+
+Most cases run the real typer app in-process (CliRunner) to keep the suite fast; one runs a
+fresh `python -m posttrain` process to show the same holds for a user's shell.
+"""
 
 import pytest
-from conftest import run_cli, sft_overrides
+from cli_helpers import run_cli, sft_overrides
+
+
+def run_inprocess(*args):
+    """The typer app in this process; returns an object shaped like CompletedProcess."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stderr=result.stderr, stdout=result.stdout)
 
 
 def check_error(result, *fragments):
@@ -19,7 +37,9 @@ def base(tiny_model_dir, arithmetic_dir, tmp_path):
 
 
 def test_missing_data_file(base, tmp_path):
-    r = run_cli("sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={tmp_path}/none.jsonl")
+    r = run_inprocess(
+        "sft", "recipes/sft_tiny.yaml", *base, f"data.train_path={tmp_path}/none.jsonl"
+    )
     check_error(r, "data file not found", "none.jsonl")
 
 
@@ -46,11 +66,11 @@ def test_missing_column(base, tmp_path):
 
 def test_unknown_recipe_key(base):
     check_error(
-        run_cli("sft", "recipes/sft_tiny.yaml", *base, "optim.learning_rate=1e-3"),
+        run_inprocess("sft", "recipes/sft_tiny.yaml", *base, "optim.learning_rate=1e-3"),
         "unknown key 'optim.learning_rate'",
     )
     check_error(
-        run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.max_step=3"),
+        run_inprocess("sft", "recipes/sft_tiny.yaml", *base, "train.max_step=3"),
         "did you mean 'train.max_steps'",
     )
 
@@ -64,10 +84,28 @@ def test_model_path_does_not_exist(base, tmp_path):
 
 
 def test_missing_recipe(base):
-    check_error(run_cli("sft", "recipes/nope.yaml"), "recipe file not found")
+    check_error(run_inprocess("sft", "recipes/nope.yaml"), "recipe file not found")
 
 
 def test_fp16_on_cpu_is_a_clear_error(base):
     check_error(
-        run_cli("sft", "recipes/sft_tiny.yaml", *base, "train.mixed_precision=fp16"), "fp16", "CUDA"
+        run_inprocess("sft", "recipes/sft_tiny.yaml", *base, "train.mixed_precision=fp16"),
+        "fp16",
+        "CUDA",
     )
+
+
+def test_eval_errors(tmp_path, arithmetic_dir):
+    check_error(
+        run_inprocess("eval", tmp_path / "nomodel", arithmetic_dir / "rl_test.jsonl"),
+        "model path does not exist",
+    )
+    check_error(
+        run_inprocess("eval", tmp_path, arithmetic_dir / "sft_test.jsonl"),
+        "missing column 'prompt', 'answer'",
+        "found: messages",
+    )
+
+
+def test_unknown_demo_stage():
+    check_error(run_inprocess("demo", "--stages", "sft,magic"), "unknown demo stage")

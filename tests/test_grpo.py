@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO, run_cli
+from cli_helpers import REPO, run_cli
 
 from posttrain.algorithms.grpo import GRPO, GRPORecipe
 from posttrain.config import ConfigError, load_recipe

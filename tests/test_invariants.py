@@ -4,7 +4,7 @@ padded rows."""
 
 import torch
 from accelerate import Accelerator
-from conftest import REPO, sft_overrides
+from cli_helpers import REPO, sft_overrides
 
 from posttrain.algorithms.sft import SFT, SFTRecipe, forward_logits
 from posttrain.config import load_recipe

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli, sft_overrides
+from cli_helpers import REPO, run_cli, sft_overrides
 
 pytestmark = pytest.mark.multiprocess
 

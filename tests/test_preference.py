@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO, run_cli
+from cli_helpers import REPO, run_cli
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.algorithms.dpo import DPO, DPORecipe

@@ -4,7 +4,7 @@ uninterrupted run; a run SIGKILLed in the middle of a save resumes from the last
 import json
 
 import torch
-from conftest import run_cli, sft_overrides
+from cli_helpers import run_cli, sft_overrides
 from safetensors.torch import load_file
 
 STEPS = 6

@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import run_cli, sft_overrides
+from cli_helpers import run_cli, sft_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 

@@ -1,0 +1,43 @@
+"""Helpers shared by the top-level tests (a uniquely named module: every test folder has its own
+conftest.py, so `from conftest import ...` would pick whichever was imported first)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m posttrain ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def sft_overrides(model_dir: Path, data_dir: Path, out: Path, **extra) -> list[str]:
+    """Overrides that make recipes/sft_tiny.yaml small and fast for tests."""
+    values = {
+        "model.name_or_path": model_dir,
+        "data.train_path": data_dir / "sft_train.jsonl",
+        "data.eval_path": "",
+        "train.output_dir": out,
+        "train.max_steps": 4,
+        "train.batch_size": 8,
+        "train.save_every": 0,
+        "train.eval_every": 0,
+        "logging.log_every": 1,
+        "logging.progress": False,
+        "optim.warmup_steps": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
