@@ -97,6 +97,9 @@ _trainer_command(
 _trainer_command(
     "kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum)."
 )
+_trainer_command(
+    "ppo", "PPO actor-critic RLHF: a value-head critic, GAE, clipped losses, KL-penalised reward."
+)
 
 
 @app.command("init-model")

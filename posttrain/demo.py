@@ -153,6 +153,7 @@ STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "dpo": policy_stage("dpo", "dpo", "dpo_tiny.yaml"),
     "grpo": policy_stage("grpo", "grpo", "grpo_tiny.yaml"),
     "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
+    "ppo": policy_stage("ppo", "ppo", "ppo_tiny.yaml"),
 }
 
 

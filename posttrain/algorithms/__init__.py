@@ -5,6 +5,7 @@ ALGORITHMS maps a CLI command to (recipe class, algorithm class).
 
 from posttrain.algorithms.dpo import DPO, DPORecipe
 from posttrain.algorithms.grpo import GRPO, GRPORecipe, KimiRecipe
+from posttrain.algorithms.ppo import PPO, PPORecipe
 from posttrain.algorithms.reward_model import RewardModel, RMRecipe
 from posttrain.algorithms.sft import SFT, SFTRecipe
 
@@ -14,4 +15,5 @@ ALGORITHMS = {
     "dpo": (DPORecipe, DPO),
     "grpo": (GRPORecipe, GRPO),
     "kimi": (KimiRecipe, GRPO),
+    "ppo": (PPORecipe, PPO),
 }

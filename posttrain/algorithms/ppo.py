@@ -1,0 +1,400 @@
+"""PPO actor-critic RLHF (spec §6, §12; Ziegler et al. 2019, Ouyang et al. 2022, Schulman et al.
+2017) on the shared loop, RolloutEngine and Scorer.
+
+Per rollout: sample with the RolloutEngine, score with the Scorer (rule rewards, a reward model
+through the `reward_model` built-in, or both weighted), optionally standardise the scores with
+their running mean/std, shape per-token rewards r_t = -β·KL_t(π_old ‖ π_ref) plus the score on
+the last token, run GAE(γ, λ) over the critic's rollout-time values V_old, whiten the advantages
+over the whole rollout (all processes), and update β with the KL controller.
+
+On the one loop: a rollout of R sequences per process is cut into minibatches of
+train.batch_size × train.grad_accum sequences (reshuffled each epoch); every loop step trains ONE
+minibatch (its micro-batches are train.batch_size chunks), so a rollout serves
+ppo_epochs × R / minibatch optimizer steps. When a step's approx KL (all its micro-batches and
+processes) exceeds `max_approx_kl`, the rest of the rollout is skipped and the next step samples.
+
+The critic (models/value_head.py) is a second model with its own AdamW and schedule, prepared in
+`setup` through Accelerate, so the loop's save_state/load_state checkpoint them too.
+`compute_loss` returns policy + vf_coef·value − entropy_coef·entropy, all token sums, so the
+loop's one backward and global token normalisation serve both models; `on_step_end` clips, steps
+and zeroes the critic. The KL controller, score statistics and the unfinished rollout (rows and
+minibatch plan of every process) are algorithm state: a resume mid-rollout continues exactly.
+
+Deliberate choices and deviations:
+- π_old is the sampling policy: the engine's log-probs (equal to a teacher-forced pass),
+  recomputed under mixed precision so the ratio compares like with like (as grpo.py).
+- The score goes on the last sampled token (EOS included), truncated completions too. The KL in
+  the reward is k1 by default (`kl_estimator: k3` is unbiased and never negative).
+- The adaptive controller reads the rollout's mean per-sequence KL, with n = the rollout's global
+  number of sequences (as TRL), once per rollout.
+- Explained variance is logged per rollout from V_old and the returns (as cleanrl).
+- Not implemented: a critic sharing the policy's backbone (policy adapter + value head);
+  fp16 (Accelerate keeps one GradScaler for both optimisers, which it would unscale twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from posttrain.algorithms.base import Algorithm, StepSampler
+from posttrain.algorithms.ppo_rollout import (
+    PPOBatch,
+    RunningMoments,
+    chunked,
+    estimate_advantages,
+    gather_buffers,
+    generate_and_score,
+    global_moments,
+    greedy_accuracy,
+    minibatch_plan,
+    restore_buffer,
+)
+from posttrain.algorithms.rl_common import (
+    PromptData,
+    RewardFunctionConfig,
+    build_scorer,
+    load_reference,
+    process_share,
+    reduce_means,
+    reference_logprobs,
+)
+from posttrain.config import BaseRecipe, ConfigError
+from posttrain.losses.common import masked_sum
+from posttrain.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from posttrain.losses.types import LossOutput
+from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from posttrain.models.value_head import critic_values, prepare_critic, save_critic
+from posttrain.rollout import SamplingParams, sequence_logprobs
+
+
+@dataclass
+class PPORewardConfig(RewardFunctionConfig):
+    """rl_common.RewardFunctionConfig with `params` typed `dict[str, Any]`: config.py's coercion
+    rejects a bare `dict` annotation, so recipes could not give a reward model's path."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the function's factory (e.g. path for reward_model)."""
+
+
+@dataclass
+class PPOConfig:
+    prompts_per_rollout: int = 64
+    """Prompts per rollout over all processes (must divide by the number of processes)."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt."""
+    ppo_epochs: int = 4
+    """Passes over each rollout; one optimizer step per minibatch of batch_size × grad_accum rows."""
+    max_new_tokens: int = 32
+    """Generation budget per completion."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings besides EOS."""
+    rewards: list[PPORewardConfig] = field(default_factory=lambda: [PPORewardConfig()])
+    """Reward functions and weights (e.g. reward_model with params {path: ...})."""
+    failure_reward: float = 0.0
+    """Score given to samples whose reward function raised, timed out or returned NaN."""
+    reward_timeout_s: float = 0.0
+    """Per-call timeout for reward functions (0: none)."""
+    normalize_scores: bool = False
+    """Standardise scores with the running mean/std of every score so far (kept in checkpoints)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate in the reward: k1 = log π_old - log π_ref, or k3."""
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    """Keep β constant, or adapt it toward target_kl (Ziegler et al. 2019)."""
+    init_kl_coef: float = 0.05
+    """β, the KL penalty coefficient (its start value when adaptive); 0 with fixed: no reference."""
+    target_kl: float = 6.0
+    """Adaptive control: target per-sequence KL (nats)."""
+    kl_horizon: float = 10000.0
+    """Adaptive control: horizon in sequences (smaller reacts faster)."""
+    reference: str = ""
+    """Reference checkpoint for the KL penalty; empty: the starting policy."""
+    gamma: float = 1.0
+    """GAE discount γ."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Standardise advantages over the rollout batch (all processes)."""
+    clip_range: float = 0.2
+    """Policy ratio clip ε."""
+    clip_range_value: float = 0.2
+    """Value clip ε_v around V_old."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: entropy is only logged)."""
+    max_approx_kl: float = 0.0
+    """Skip the rest of a rollout once a step's approx KL to π_old exceeds this (0: never)."""
+    critic_init: str = "policy"
+    """Critic backbone and head: reward (the reward_model reward's path), policy, or a PATH."""
+    critic_lr: float = 1e-5
+    """Peak learning rate of the critic's AdamW (same schedule and weight decay as optim)."""
+
+
+@dataclass
+class PPORecipe(BaseRecipe):
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO settings."""
+
+
+class PPO(Algorithm):
+    name = "ppo"
+
+    def setup(self, accelerator: Accelerator) -> torch.nn.Module:
+        cfg, p = self.cfg, self.cfg.ppo
+        self._validate(accelerator)
+        self.accelerator = accelerator
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model = load_causal_lm(cfg.model)
+        if cfg.model.lora.r > 0:
+            model = apply_lora(model, cfg.model.lora)
+        self.data = PromptData(cfg.data.train_path)
+        self.eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+        self.scorer = build_scorer(list(p.rewards), p.failure_reward, p.reward_timeout_s)
+        self.reference = None
+        self.use_reference = p.kl_control == "adaptive" or p.init_kl_coef > 0
+        if self.use_reference:
+            self.reference = load_reference(cfg.model, p.reference, model, accelerator.device)
+        if p.kl_control == "adaptive":
+            self.kl_ctl = AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(p.init_kl_coef)
+        self.sampling = SamplingParams(
+            n=p.samples_per_prompt,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            max_new_tokens=p.max_new_tokens,
+            stop=list(p.stop),
+        )
+        self.moments = RunningMoments()
+        self.sampler = StepSampler(len(self.data), cfg.train.seed)
+        critic_optim = dataclasses.replace(cfg.optim, lr=p.critic_lr)
+        # Prepared before the loop prepares the policy, so Accelerate checkpoints the critic, its
+        # optimizer and schedule with every save_state (as model_0, optimizer_0, scheduler_0).
+        self.critic, self.critic_optimizer, self.critic_scheduler = prepare_critic(
+            cfg.model, self._critic_path(), critic_optim, cfg.train.max_steps, accelerator
+        )
+        self._micro_total = self._micro_seen = 0
+        self.rollout: PPOBatch | None = None
+        self.plan = torch.zeros(0, 0, dtype=torch.long)  # (steps, minibatch) rows per step
+        self.cursor = 0  # next row of `plan`
+        self.rollouts_done = 0
+        self.early_stops = 0
+        self.rollout_metrics: dict = {}
+        return model
+
+    def _critic_path(self) -> str:
+        p = self.cfg.ppo
+        if p.critic_init == "policy":
+            return self.cfg.model.name_or_path
+        if p.critic_init == "reward":
+            paths = [f.params.get("path") for f in p.rewards if f.name == "reward_model"]
+            if not paths or not paths[0]:
+                raise ConfigError(
+                    "ppo.critic_init=reward needs a reward_model entry with params {path: ...} "
+                    "in ppo.rewards"
+                )
+            return str(paths[0])
+        return p.critic_init
+
+    def _validate(self, accelerator: Accelerator) -> None:
+        cfg, p, world = self.cfg, self.cfg.ppo, accelerator.num_processes
+        rows = p.prompts_per_rollout // world * p.samples_per_prompt  # per process
+        minibatch = cfg.train.batch_size * cfg.train.grad_accum
+        if cfg.train.mixed_precision == "fp16":
+            raise ConfigError(
+                "ppo does not support train.mixed_precision=fp16 (one GradScaler would unscale "
+                "the policy's and the critic's optimisers twice); use bf16"
+            )
+        if p.prompts_per_rollout % world or rows % minibatch:
+            raise ConfigError(
+                f"ppo.prompts_per_rollout={p.prompts_per_rollout} must divide by the {world} "
+                f"processes, and the {rows} sequences per process (× ppo.samples_per_prompt) "
+                f"must be a multiple of the minibatch train.batch_size × train.grad_accum = "
+                f"{minibatch}"
+            )
+
+    # ---- rollout ------------------------------------------------------------------------
+
+    def make_rollout(self, accelerator: Accelerator, model) -> None:
+        cfg, p, n = self.cfg, self.cfg.ppo, self.cfg.ppo.samples_per_prompt
+        started = time.perf_counter()
+        index = self.rollouts_done
+        seed = cfg.train.seed * 7919 + index
+        indices = process_share(
+            self.sampler.global_batch(index, p.prompts_per_rollout), accelerator
+        )
+        policy = accelerator.unwrap_model(model)
+        params = dataclasses.replace(self.sampling, seed=seed)
+        rollout, scored, stats = generate_and_score(
+            policy, self.tokenizer, self.data, self.scorer, indices, params
+        )
+        scores = scored.rewards  # (N,)
+        if p.normalize_scores:
+            self.moments.update(*global_moments(scores, None, accelerator))
+            scores = (scores - self.moments.mean) / max(self.moments.std, 1e-8)
+        mask = rollout.completion_mask  # (N, C)
+        chunk = cfg.train.batch_size
+        with torch.no_grad(), accelerator.autocast():
+            old = rollout.logprobs  # (N, C)
+            if cfg.train.mixed_precision != "no":  # match the training forward's precision
+                old = chunked(sequence_logprobs, policy, rollout, chunk, p.temperature)
+            critic = accelerator.unwrap_model(self.critic)
+            critic.eval()  # no dropout in V_old
+            values = chunked(critic_values, critic, rollout, chunk)
+            critic.train()
+            ref = old  # no reference: KL 0
+            if self.use_reference:
+                ref = reference_logprobs(self.reference, model, rollout, p.temperature, chunk)
+        beta = self.kl_ctl.value
+        advantages, returns, shaped = estimate_advantages(
+            scores, old, ref, values, mask, beta, p, accelerator
+        )
+        metrics = {
+            **scored.metrics,
+            **shaped,
+            "score": float(scored.rewards.mean()),
+            "completion_length": float(rollout.lengths.float().mean()),
+            "truncation_rate": float(rollout.truncated.float().mean()),
+            "rollout_tokens_per_s": stats["tokens_per_s"],
+        }
+        if "accuracy" in scored.per_function:
+            metrics["accuracy"] = float(scored.per_function["accuracy"].mean())
+        metrics["rollout_seconds"] = time.perf_counter() - started
+        self.rollout_metrics = reduce_means(accelerator, metrics)
+        # β is the same on every process: it follows the process-averaged KL.
+        self.rollout_metrics["kl_coef"] = beta
+        self.kl_ctl.update(self.rollout_metrics["kl"], p.prompts_per_rollout * n)
+        if p.normalize_scores:
+            self.rollout_metrics.update(score_mean=self.moments.mean, score_std=self.moments.std)
+        self.rollout = PPOBatch.of(rollout, old, values, advantages, returns)
+        size = cfg.train.batch_size * cfg.train.grad_accum
+        self.plan = minibatch_plan(len(rollout), size, p.ppo_epochs, cfg.train.seed, index)
+        self.cursor = 0
+        self.rollouts_done += 1
+
+    # ---- loop interface -------------------------------------------------------------------
+
+    def micro_batches(self, step: int, accelerator: Accelerator, model) -> list:
+        if self.rollout is None or self.cursor >= len(self.plan):
+            self.make_rollout(accelerator, model)
+        minibatch = self.rollout.select(self.plan[self.cursor])
+        self.cursor += 1
+        micro = minibatch.split(self.cfg.train.batch_size)
+        self._micro_total, self._micro_seen = len(micro), 0
+        self._step_kl = torch.zeros(2, device=accelerator.device)  # approx-KL·tokens, tokens
+        return micro
+
+    def num_units(self, batch) -> int:
+        return int(batch.completion_mask.sum())
+
+    def compute_loss(self, model, batch) -> LossOutput:
+        p = self.cfg.ppo
+        rows = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        logprobs, entropy = sequence_logprobs(model, *rows, p.temperature, return_entropy=True)
+        # The critic's gradients sync across processes on the step's last micro-batch only
+        # (DDP decides at forward time, so wrapping the forward is enough).
+        self._micro_seen += 1
+        last = self._micro_seen >= self._micro_total
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.critic):
+            values = critic_values(self.critic, *rows)  # (N, C), like logprobs and entropy
+        mask = batch.completion_mask.bool()
+        policy = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, p.clip_range)
+        value = ppo_value_loss(values, batch.old_values, batch.returns, mask, p.clip_range_value)
+        if p.entropy_coef == 0:
+            entropy = entropy.detach()
+        entropy_sum = masked_sum(entropy, mask)
+        total = policy.total + p.vf_coef * value.total - p.entropy_coef * entropy_sum
+        tokens = mask.sum().clamp(min=1).float()
+        self._step_kl += torch.stack([policy.metrics["approx_kl"] * tokens, tokens])
+        metrics = {
+            **policy.metrics,
+            "value_clip_fraction": value.metrics["value_clip_fraction"],
+            "policy_loss": policy.total.detach() / tokens,
+            "value_loss": value.total.detach() / tokens,
+            "entropy": entropy_sum.detach() / tokens,
+        }
+        return LossOutput(total=total, units=mask.sum().float(), metrics=metrics)
+
+    def on_step_end(self, model, step: int, accelerator: Accelerator) -> dict:
+        params = [q for q in self.critic.parameters() if q.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm
+        norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if norm is None or torch.isfinite(norm):
+            self.critic_optimizer.step()
+            self.critic_scheduler.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        kl_sum, tokens = accelerator.reduce(self._step_kl, reduction="sum").tolist()
+        approx_kl = kl_sum / max(tokens, 1.0)
+        p = self.cfg.ppo
+        if p.max_approx_kl > 0 and approx_kl > p.max_approx_kl and self.cursor < len(self.plan):
+            self.cursor = len(self.plan)  # skip the rest of this rollout
+            self.early_stops += 1
+        return {
+            **self.rollout_metrics,
+            "critic_grad_norm": float(norm) if norm is not None else 0.0,
+            "critic_lr": self.critic_scheduler.get_last_lr()[0],
+            "early_stops": self.early_stops,
+            "rollouts": self.rollouts_done,
+        }
+
+    def epoch_at(self, step: int) -> float:
+        return self.rollouts_done * self.cfg.ppo.prompts_per_rollout / len(self.data)
+
+    def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:
+        if self.eval_data is None or "answer" not in self.eval_data.columns:
+            return {}
+        policy = accelerator.unwrap_model(model)
+        limit = min(len(self.eval_data), self.cfg.data.max_eval_examples)
+        args = (self.eval_data, limit, self.cfg.ppo.max_new_tokens)
+        return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args, accelerator)}
+
+    def save_final(self, model, path) -> None:
+        super().save_final(model, path)
+        save_critic(
+            self.accelerator.unwrap_model(self.critic), path.parent / "critic", self.tokenizer
+        )
+
+    # ---- checkpointed state ---------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """KL controller, score statistics, counters, and every process's current rollout and
+        minibatch plan (gathered: Accelerate writes this dict from the main process only)."""
+        exhausted = self.rollout is None or self.cursor >= len(self.plan)
+        buffers = gather_buffers(
+            None if exhausted else self.rollout, self.plan, self.cursor, self.accelerator
+        )
+        return {
+            "rollouts_done": self.rollouts_done,
+            "early_stops": self.early_stops,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+            "rollout_metrics": dict(self.rollout_metrics),
+            "buffers": buffers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts_done = state["rollouts_done"]
+        self.early_stops = state["early_stops"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["moments"])
+        self.rollout_metrics = dict(state["rollout_metrics"])
+        self.rollout, self.plan, self.cursor = restore_buffer(state["buffers"], self.accelerator)

@@ -1,0 +1,267 @@
+"""PPO's rollout buffer and the batch statistics it needs (used by algorithms/ppo.py).
+
+- `generate_and_score`: samples from the shared RolloutEngine scored by the shared Scorer;
+- `greedy_accuracy`: held-out greedy exact match, the evaluation GRPO also runs;
+- `estimate_advantages`: KL-shaped per-token rewards, GAE and whitening (the pure losses in
+  losses/ppo.py) plus the rollout's metrics.
+- `PPOBatch`: the scored rollout rows with per-token advantages, returns and V_old, the typed
+  batch the PPO losses read (PolicyBatch holds one advantage per sequence, PPO needs one per
+  token), with the row selection and splitting that minibatches and micro-batches need.
+- `whiten`: `masked_whiten` over the response tokens of the whole rollout, i.e. of every
+  process (one all-reduce of three sums), so 2 processes whiten exactly like 1 process with the
+  same global rollout.
+- `RunningMoments`: running mean and std of every score seen (Chan et al.'s parallel update), for
+  optional score normalisation; checkpointed with the algorithm's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor
+
+from posttrain.data.batches import TensorBatch
+from posttrain.evaluation import accuracy_of
+from posttrain.losses.common import masked_mean, masked_sum, masked_var, masked_whiten
+from posttrain.losses.grpo import k3_kl
+from posttrain.losses.ppo import gae, kl_penalized_rewards
+from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class PPOBatch(TensorBatch):
+    """N scored rollout rows with everything the PPO losses read (spec §6)."""
+
+    prompt_ids: Tensor  # (N, P) long, left-padded prompt tokens
+    prompt_mask: Tensor  # (N, P) long, 1 on real prompt tokens
+    completion_ids: Tensor  # (N, C) long, right-padded sampled tokens
+    completion_mask: Tensor  # (N, C) long, 1 on sampled tokens (all of them enter the loss)
+    old_logprobs: Tensor  # (N, C) float32, log π_old (the sampling policy); 0 on padding
+    old_values: Tensor  # (N, C) float32, V_old(s_t) from the critic at rollout time
+    advantages: Tensor  # (N, C) float32, GAE advantages (whitened over the rollout if asked)
+    returns: Tensor  # (N, C) float32, GAE returns R_t = A_t + V_old(s_t), never whitened
+
+    @staticmethod
+    def of(rollout: RolloutBatch, old_logprobs, old_values, advantages, returns) -> PPOBatch:
+        """The rollout's token rows with its (N, C) π_old, V_old, advantages and returns."""
+        return PPOBatch(
+            prompt_ids=rollout.prompt_ids,
+            prompt_mask=rollout.prompt_mask,
+            completion_ids=rollout.completion_ids,
+            completion_mask=rollout.completion_mask,
+            old_logprobs=old_logprobs.float(),
+            old_values=old_values.float(),
+            advantages=advantages.float(),
+            returns=returns.float(),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + completion tokens, for throughput."""
+        return int(self.prompt_mask.sum() + self.completion_mask.sum())
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def select(self, rows: Tensor) -> PPOBatch:
+        """Rows `rows` (indices), in that order."""
+        rows = rows.to(self.completion_ids.device)
+        return PPOBatch(**{name: t[rows] for name, t in self.tensors().items()})
+
+    def split(self, size: int) -> list[PPOBatch]:
+        """Consecutive micro-batches of at most `size` rows."""
+        return [
+            self.select(torch.arange(s, min(s + size, len(self))))
+            for s in range(0, len(self), size)
+        ]
+
+
+def generate_and_score(policy, tokenizer, data, scorer, indices: list[int], params: SamplingParams):
+    """(rollout, scores, engine stats): `params.n` samples of each prompt of `data` at `indices`
+    from the shared RolloutEngine (one seed per prompt, so sharding over processes changes no
+    sample), scored by the shared Scorer with the data's other columns."""
+    engine = RolloutEngine(policy, tokenizer)
+    prompts = [data.prompts[i] for i in indices]
+    seeds = [params.seed * 1_000_003 + i for i in indices]
+    rollout = engine.generate(prompts, params, prompt_seeds=seeds)
+    scored = scorer(
+        [prompt for prompt in prompts for _ in range(params.n)],
+        rollout.texts,
+        completion_lengths=rollout.lengths.tolist(),
+        truncated=rollout.truncated.tolist(),
+        **data.columns_for(indices, params.n),
+    )
+    return rollout, scored, engine.last_stats
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    policy, tokenizer, data, limit: int, max_new_tokens: int, accelerator: Accelerator
+) -> float:
+    """Greedy exact-match accuracy on the first `limit` rows of `data` (prompt/answer), the rows
+    shared out over processes (as GRPO's evaluation)."""
+    mine = list(range(accelerator.process_index, limit, accelerator.num_processes))
+    engine = RolloutEngine(policy, tokenizer)
+    prompts, answers = [data.prompts[i] for i in mine], [data.extra["answer"][i] for i in mine]
+    result = accuracy_of(engine, prompts, answers, max_new_tokens)
+    right_n = torch.tensor([result["accuracy"] * result["n"], float(result["n"])])
+    totals = accelerator.reduce(right_n.to(accelerator.device), reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def chunked(fn, model, rollout: RolloutBatch, chunk: int, *extra) -> Tensor:
+    """fn(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *extra) over chunks of
+    `chunk` rows, concatenated: (N, C)."""
+    parts = [
+        fn(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, *extra)
+        for r in rollout.split(chunk)
+    ]
+    return torch.cat(parts)
+
+
+def minibatch_plan(rows: int, size: int, epochs: int, seed: int, index: int) -> Tensor:
+    """(epochs × rows / size, size) row indices, one minibatch per optimizer step: a fresh
+    permutation per epoch, seeded by the rollout index so a resumed run draws the same plan."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    return torch.cat([torch.randperm(rows, generator=generator) for _ in range(epochs)]).view(
+        -1, size
+    )
+
+
+def estimate_advantages(
+    scores: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    ppo,
+    accelerator: Accelerator,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """(advantages, returns, metrics) of a scored rollout (spec §6).
+
+    scores (N,); old_logprobs, ref_logprobs, values, mask (N, C). Rewards r_t = -β·KL_t plus
+    the score on the last token, then GAE(ppo.gamma, ppo.lam); the advantages are whitened over
+    every process's response tokens when ppo.whiten_advantages (returns never are). Metrics are
+    this process's: kl (mean per-sequence KL, what the KL controller reads), non_score_reward,
+    returns / advantages mean and std (before whitening), values_mean, explained_variance.
+    """
+    rewards = kl_penalized_rewards(
+        scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl_estimator
+    )  # (N, C)
+    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)  # (N, C) each
+    if ppo.kl_estimator == "k1":
+        token_kl = old_logprobs - ref_logprobs  # (N, C)
+    else:
+        token_kl = k3_kl(old_logprobs, ref_logprobs)
+    sequence_kl = masked_sum(token_kl.float(), mask, dim=1)  # (N,)
+    var_returns = float(masked_var(returns, mask, unbiased=False))
+    residual = float(masked_var(returns - values, mask, unbiased=False))
+    metrics = {
+        "kl": float(sequence_kl.mean()),
+        "non_score_reward": float(-kl_coef * sequence_kl.mean()),
+        "returns_mean": float(masked_mean(returns, mask)),
+        "returns_std": var_returns**0.5,
+        "advantages_mean": float(masked_mean(advantages, mask)),
+        "advantages_std": float(masked_var(advantages, mask, unbiased=False)) ** 0.5,
+        "values_mean": float(masked_mean(values, mask)),
+        # 1 - Var[R - V] / Var[R] (as cleanrl); 0 when the returns are constant
+        "explained_variance": 1.0 - residual / var_returns if var_returns > 0 else 0.0,
+    }
+    if ppo.whiten_advantages:
+        advantages = whiten(advantages, mask, accelerator)
+    return advantages, returns, metrics
+
+
+def gather_buffers(
+    rollout: PPOBatch | None, plan: Tensor, cursor: int, accelerator: Accelerator
+) -> list[dict | None]:
+    """Every process's unfinished rollout (rows, minibatch plan, position), indexed by rank, for
+    the algorithm's checkpointed state (Accelerate writes it from the main process only)."""
+    buffer = None
+    if rollout is not None:
+        buffer = {**rollout.to("cpu").tensors(), "plan": plan, "cursor": cursor}
+    return gather_object([buffer]) if accelerator.num_processes > 1 else [buffer]
+
+
+def restore_buffer(
+    buffers: list[dict | None], accelerator: Accelerator
+) -> tuple[PPOBatch | None, Tensor, int]:
+    """(rollout, plan, cursor) of this process from `gather_buffers`' list; no rollout (sample a
+    fresh one) when there was none or the number of processes changed."""
+    nothing = (None, torch.zeros(0, 0, dtype=torch.long), 0)
+    if len(buffers) != accelerator.num_processes:
+        accelerator.print(
+            f"ppo: the checkpoint's rollout was made by {len(buffers)} processes, this run has "
+            f"{accelerator.num_processes}: sampling a fresh rollout"
+        )
+        return nothing
+    buffer = buffers[accelerator.process_index]
+    if buffer is None:
+        return nothing
+    buffer = dict(buffer)
+    plan, cursor = buffer.pop("plan"), buffer.pop("cursor")
+    return PPOBatch(**buffer).to(accelerator.device), plan, cursor
+
+
+def global_moments(
+    x: Tensor, mask: Tensor | None, accelerator: Accelerator
+) -> tuple[float, float, float]:
+    """(Σx, Σx², count) over the masked elements of `x` on every process (float64 sums)."""
+    values = x.double() if mask is None else x.double()[mask.bool()]
+    sums = torch.stack([values.sum(), (values**2).sum(), torch.tensor(float(values.numel()))])
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum")
+    total, total_sq, count = sums.tolist()
+    return total, total_sq, count
+
+
+def whiten(x: Tensor, mask: Tensor, accelerator: Accelerator, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked elements of all processes (unbiased var, as
+    `masked_whiten`, which this is on one process); 0 outside the mask."""
+    if accelerator.num_processes == 1:
+        return masked_whiten(x, mask, eps=eps)
+    total, total_sq, count = global_moments(x, mask, accelerator)
+    mean = total / max(count, 1.0)
+    var = max(total_sq / max(count, 1.0) - mean**2, 0.0) * count / max(count - 1.0, 1.0)
+    return ((x - mean) / math.sqrt(var + eps)).masked_fill(~mask.bool(), 0.0)
+
+
+class RunningMoments:
+    """Mean and population std of every value seen, updated from batch sums."""
+
+    def __init__(self):
+        self.count = 0.0
+        self.mean = 0.0
+        self.var = 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, total: float, total_sq: float, count: float) -> None:
+        """Merge a batch given as (Σx, Σx², n) (Chan, Golub and LeVeque's pairwise update)."""
+        if count <= 0:
+            return
+        batch_mean = total / count
+        batch_var = max(total_sq / count - batch_mean**2, 0.0)
+        delta = batch_mean - self.mean
+        merged = self.count + count
+        m2 = self.var * self.count + batch_var * count + delta**2 * self.count * count / merged
+        self.mean += delta * count / merged
+        self.var = m2 / merged
+        self.count = merged
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
