@@ -39,6 +39,17 @@ test-slow: install
 test-all: install
 	$(PY) -m pytest -q
 
+# Benchmarks against TRL (bench/README.md). TRL and matplotlib come from the `bench` extra, never
+# a runtime dependency; the constraint keeps the torch build installed above (2.13.0+cpu matches
+# ==2.13.0) so that resolving TRL can never swap it for another torch.
+bench: install
+	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
+	$(PY) -m bench
+
+bench-quick: install
+	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
+	$(PY) -m bench --quick
+
 lint: install
 	$(VENV)/bin/ruff check posttrain tests bench
 	$(VENV)/bin/ruff format --check posttrain tests bench

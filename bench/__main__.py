@@ -1,0 +1,97 @@
+"""`python -m bench [--quick] [--cases sft,dpo,rm] [--pairs 3] [--device cpu|cuda]`
+
+Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL alternately,
+in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
+`--quick` is the development loop: the tiny preset, short runs, first-listed configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench import harness, mfu, report
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="tiny preset, short runs, no configuration probes"
+    )
+    p.add_argument(
+        "--cases",
+        default="sft,dpo,rm",
+        help=f"comma-separated, from {sorted(harness.CASES) + sorted(harness.EXTERNAL)}",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "small"],
+        default=None,
+        help="default: small (tiny with --quick)",
+    )
+    p.add_argument("--pairs", type=int, default=3, help="A/B pairs per case (at least 3)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per run (default 8, quick 4)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per run (default 2, quick 1)"
+    )
+    p.add_argument(
+        "--select",
+        choices=["probe", "fixed"],
+        default=None,
+        help="probe every candidate configuration (default) or take the first (quick)",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.pairs < 3:
+        raise SystemExit("--pairs must be at least 3")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in harness.CASES and c not in harness.EXTERNAL]
+    if unknown:
+        raise SystemExit(
+            f"unknown case(s) {unknown}; known: {sorted(harness.CASES) + sorted(harness.EXTERNAL)}"
+        )
+    settings = harness.Settings(
+        preset=args.preset or ("tiny" if args.quick else "small"),
+        pairs=args.pairs,
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        steps=args.steps if args.steps is not None else (4 if args.quick else 8),
+        probe_steps=2 if args.quick else 3,
+        threads=args.threads,
+        device=args.device,
+        select=args.select or ("fixed" if args.quick else "probe"),
+    )
+    started = time.perf_counter()
+    peaks = {
+        dtype: mfu.measure_peak(dtype, settings.threads, device=settings.device)
+        for dtype in ("fp32", "bf16")
+    }
+    print(
+        "matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
+        flush=True,
+    )
+    done = []
+    for name in cases:
+        if name in harness.EXTERNAL:
+            harness.EXTERNAL[name](settings, say=lambda m: print(m, flush=True))
+            records = report.load_records()
+            done += [records[k] for k in records if k == f"{name}_{settings.preset}"]
+            continue
+        record = harness.run_case(
+            harness.CASES[name], settings, peaks, say=lambda m: print(m, flush=True)
+        )
+        report.save_records([record])  # after every case, so a later failure keeps it
+        done.append(record)
+    report.print_table(done)
+    path = report.plot(list(report.load_records().values()))
+    print(f"results: {report.LATEST}  plot: {path}  ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One posttrain training run for the benchmark: the real CLI in its own process.
+
+    python -m posttrain sft|dpo|rm bench/work/recipes/CASE.yaml key=value ...
+
+The harness writes a recipe per case (below), overrides the side's configuration
+(`data.packing`, `train.mixed_precision`) on the command line, and reads the per-step
+`step_time` and `tokens` of `OUTPUT_DIR/metrics.jsonl` (`logging.log_every=1`). Settings mirror
+bench/trl_runner.py: same examples per step (batch_size, grad_accum=1), max length, learning
+rate (constant, no warm-up), weight decay 0, clipping at 1.0, steps and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+# CLI command per benchmark case.
+COMMANDS = {"sft": "sft", "dpo": "dpo", "rm": "rm"}
+
+
+def write_recipe(
+    case: str,
+    model: Path,
+    data: Path,
+    path: Path,
+    *,
+    batch: int,
+    lr: float,
+    max_length: int,
+    threads: int,
+    seed: int = 0,
+) -> Path:
+    """The recipe both sides' settings are read from; output_dir and steps come per run."""
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train_path": str(data), "max_length": max_length, "packing": False},
+        "optim": {
+            "lr": lr,
+            "weight_decay": 0.0,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
+        },
+        "train": {
+            "seed": seed,
+            "batch_size": batch,
+            "grad_accum": 1,
+            "mixed_precision": "no",
+            "save_every": 0,
+            "num_threads": threads,
+        },
+        "logging": {"log_every": 1, "progress": False, "tensorboard": False},
+    }
+    if case == "sft":
+        recipe["data"]["format"] = "prompt_completion"
+    elif case == "dpo":
+        # The reference forward stays inside each step, as on the TRL side.
+        recipe["dpo"] = {"loss_type": "sigmoid", "beta": 0.1, "precompute_ref_logps": False}
+    elif case == "rm":
+        recipe["rm"] = {"use_margin": False, "centering_coef": 0.0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def command(case: str, recipe: Path, output_dir: Path, steps: int, config: dict) -> list[str]:
+    """argv for one run; `config` holds dotted overrides such as {'data.packing': True}."""
+    overrides = [f"train.output_dir={output_dir}", f"train.max_steps={steps}"]
+    overrides += [f"{key}={json.dumps(value)}" for key, value in config.items()]
+    return [sys.executable, "-m", "posttrain", COMMANDS[case], str(recipe), *overrides]
+
+
+def read_result(output_dir: Path) -> dict:
+    """Per-step times, tokens and losses from metrics.jsonl (one line per step)."""
+    rows = [
+        json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    return {
+        "side": "posttrain",
+        "step_times": [r["step_time"] for r in rows],
+        "step_tokens": [int(r["tokens"]) for r in rows],
+        "losses": [r["loss"] for r in rows],
+    }
