@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--cases sft,dpo,rm] [--pairs 3] [--device cpu|cuda]`
+"""`python -m bench [--quick] [--cases sft,dpo,rm,grpo,rollout] [--pairs 3] [--device cpu|cuda]`
 
 Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL alternately,
 in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
@@ -20,7 +20,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--cases",
-        default="sft,dpo,rm",
+        default="sft,dpo,rm,grpo,rollout",
         help=f"comma-separated, from {sorted(harness.CASES) + sorted(harness.EXTERNAL)}",
     )
     p.add_argument(

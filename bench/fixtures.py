@@ -8,6 +8,7 @@ Layout (bench/work is git-ignored):
     bench/work/fixtures/data/                        posttrain data arithmetic output
     bench/work/fixtures/data/bench_sft.jsonl         prompt/completion message lists
     bench/work/fixtures/data/bench_preference.jsonl  prompt/chosen/rejected message lists
+    bench/work/fixtures/data/bench_rl.jsonl          prompt message lists + reference `answer`
 
 The same files feed both posttrain and TRL, so both sides train the same weights on the same
 rows. Every row fits in `MAX_LENGTH` tokens, so neither side truncates anything.
@@ -50,23 +51,29 @@ def add_preamble(prompt: list[dict], rng: random.Random) -> list[dict]:
     return [first, *prompt[1:]]
 
 
+# Fixture file -> the `posttrain data arithmetic` file it is made from (preamble added).
+SOURCES = {
+    "sft": ("bench_sft.jsonl", "prompt_completion_train.jsonl"),
+    "preference": ("bench_preference.jsonl", "preference_train.jsonl"),
+    "rl": ("bench_rl.jsonl", "rl_train.jsonl"),
+}
+
+
 def make_data(seed: int = 0) -> dict[str, Path]:
     data = FIXTURES / "data"
-    sft, pref = data / "bench_sft.jsonl", data / "bench_preference.jsonl"
-    if not (sft.is_file() and pref.is_file()):
+    paths = {kind: data / name for kind, (name, _) in SOURCES.items()}
+    if not (data / "rl_train.jsonl").is_file():
         _posttrain("data", "arithmetic", str(data), "--n", str(ROWS), "--seed", str(seed))
-        rng = random.Random(seed)
-        with open(data / "prompt_completion_train.jsonl") as src, open(sft, "w") as dst:
+    for kind, (name, source) in SOURCES.items():
+        if paths[kind].is_file():
+            continue
+        rng = random.Random(f"{seed}-{kind}")
+        with open(data / source) as src, open(paths[kind], "w") as dst:
             for line in src:
                 row = json.loads(line)
                 row["prompt"] = add_preamble(row["prompt"], rng)
                 dst.write(json.dumps(row) + "\n")
-        with open(data / "preference_train.jsonl") as src, open(pref, "w") as dst:
-            for line in src:
-                row = json.loads(line)
-                row["prompt"] = add_preamble(row["prompt"], rng)
-                dst.write(json.dumps(row) + "\n")
-    return {"sft": sft, "preference": pref}
+    return paths
 
 
 def make_model(preset: str, seed: int = 0) -> Path:
@@ -85,9 +92,12 @@ def length_stats(path: Path, model: Path, kind: str) -> dict:
     with open(path) as f:
         for line in f:
             row = json.loads(line)
-            answers = [row["completion"]] if kind == "sft" else [row["chosen"], row["rejected"]]
-            for answer in answers:
-                text = tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=False)
+            answers = {"sft": lambda: [row["completion"]], "rl": lambda: [[]],
+                       "preference": lambda: [row["chosen"], row["rejected"]]}[kind]()  # fmt: skip
+            for answer in answers:  # rl: the prompt alone, as the generation starts from it
+                text = tokenizer.apply_chat_template(
+                    row["prompt"] + answer, tokenize=False, add_generation_prompt=not answer
+                )
                 lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     if max(lengths) > MAX_LENGTH:
         raise RuntimeError(f"{path}: a row has {max(lengths)} tokens > MAX_LENGTH={MAX_LENGTH}")
@@ -100,15 +110,10 @@ def make_fixtures(preset: str) -> dict:
     """Create (or reuse) the model and data for `preset`; returns their paths and length stats."""
     data = make_data()
     model = make_model(preset)
-    stats = {
-        kind: length_stats(data[key], model, kind)
-        for kind, key in (("sft", "sft"), ("preference", "preference"))
-    }
     return {
         "model": model,
-        "sft_data": data["sft"],
-        "preference_data": data["preference"],
-        "lengths": stats,
+        **{f"{kind}_data": path for kind, path in data.items()},
+        "lengths": {kind: length_stats(path, model, kind) for kind, path in data.items()},
     }
 
 

@@ -35,10 +35,10 @@ REPO = BENCH.parent
 
 @dataclass
 class Case:
-    name: str  # posttrain command / TRL trainer: sft, dpo, rm
+    name: str  # posttrain command / TRL trainer: sft, dpo, rm, grpo
     metric: str  # what the record compares
     data: str  # fixture key
-    batch: int  # sequences (sft) or pairs (dpo, rm) per optimizer step
+    batch: int  # sequences (sft), pairs (dpo, rm) or prompts (grpo) per optimizer step
     lr: float
     # Candidate configurations, the expected best first (what `--select fixed` takes).
     posttrain_configs: list[dict] = field(default_factory=list)  # dotted recipe overrides
@@ -76,6 +76,18 @@ CASES = {
         batch=16,
         lr=1e-5,
         target=2.0,
+        posttrain_configs=PRECISION,
+        trl_configs=TRL_PRECISION,
+    ),
+    # 8 prompts x 8 samples, 32 new tokens, beta=0, one optimisation pass (posttrain_runner.py).
+    # Lower is better, so the ratio is TRL's seconds per step over posttrain's.
+    "grpo": Case(
+        "grpo",
+        "seconds_per_step",
+        "rl_data",
+        batch=8,
+        lr=1e-6,
+        target=3.0,
         posttrain_configs=PRECISION,
         trl_configs=TRL_PRECISION,
     ),
@@ -165,14 +177,24 @@ def run_side(
 
 
 def rate(case: Case, result: dict, warmup: int) -> float:
-    """Trained non-pad tokens/s (SFT) or pairs/s over the steps after the warm-up."""
+    """Higher is better: trained non-pad tokens/s (SFT), pairs/s (DPO, RM) or steps/s (GRPO)
+    over the steps after the warm-up."""
     seconds = sum(result["step_times"][warmup:])
     if case.metric == "trained_tokens_per_s":
         return sum(result["step_tokens"][warmup:]) / seconds
+    if case.metric == "seconds_per_step":
+        return len(result["step_times"][warmup:]) / seconds
     return case.batch * len(result["step_times"][warmup:]) / seconds
 
 
-def achieved_flops(case: Case, result: dict, warmup: int, fx: dict) -> float:
+def reported(case: Case, value: float) -> float:
+    """The value a record shows: seconds per step is the inverse of the rate compared."""
+    return 1.0 / value if case.metric == "seconds_per_step" else value
+
+
+def achieved_flops(case: Case, result: dict, warmup: int, fx: dict) -> float | None:
+    if case.name == "grpo":  # generation dominates; 6·N·tokens does not describe the step
+        return None
     lengths = fx["lengths"]["sft" if case.name == "sft" else "preference"]
     tokens = sum(result["step_tokens"][warmup:])
     flops = mfu.step_flops(case.name, fx["model"], tokens, lengths["mean"], lengths["mean_sq"])
@@ -215,7 +237,8 @@ def run_case(case: Case, settings: Settings, peaks: dict, say=print) -> dict:
                 run_side(side, case, config, settings.steps, fx, settings, f"pair{pair}")
             )
         pt, trl = (rate(case, runs[s][-1], settings.warmup) for s in ("posttrain", "trl"))
-        say(f"  pair {pair}: posttrain {pt:10.1f}  trl {trl:10.1f}  ratio {pt / trl:5.2f}")
+        pt_shown, trl_shown = reported(case, pt), reported(case, trl)
+        say(f"  pair {pair}: posttrain {pt_shown:10.2f}  trl {trl_shown:10.2f}  ratio {pt / trl:5.2f}")
 
     return summarise(case, settings, fx, peaks, runs, probes, time.perf_counter() - started)
 
@@ -230,16 +253,17 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
     pt_config, trl_config = runs["posttrain"][0]["config"], runs["trl"][0]["config"]
     dtype = {"posttrain": "bf16" if pt_config.get("train.mixed_precision") == "bf16" else "fp32",
              "peer": "bf16" if trl_config.get("bf16") else "fp32"}  # fmt: skip
-    rates, rss = med(lambda r: rate(case, r, w)), med(lambda r: r["peak_rss_mb"])
-    flops = med(lambda r: achieved_flops(case, r, w, fx))
+    rates = {side: reported(case, v) for side, v in med(lambda r: rate(case, r, w)).items()}
+    rss = med(lambda r: r["peak_rss_mb"])
+    flops = med(lambda r: achieved_flops(case, r, w, fx)) if case.name != "grpo" else {}
     ratios = [rate(case, a, w) / rate(case, b, w)
               for a, b in zip(runs["posttrain"], runs["trl"], strict=True)]  # fmt: skip
     common = {"preset": settings.preset, "batch": case.batch, "max_length": MAX_LENGTH,
-              "unit": "sequences" if case.name == "sft" else "pairs", "lr": case.lr,
+              "unit": {"sft": "sequences", "grpo": "prompts"}.get(case.name, "pairs"), "lr": case.lr,
               "scheduler": "constant", "grad_accum": 1, "warmup_steps_untimed": w,
               "timed_steps": settings.steps, "pairs": settings.pairs, "threads": settings.threads,
               "device": settings.device, "data": Path(fx[case.data]).name,
-              "lengths": fx["lengths"]["sft" if case.name == "sft" else "preference"]}  # fmt: skip
+              "lengths": fx["lengths"][case.data.removesuffix("_data")]}  # fmt: skip
     return {
         "case": f"{case.name}_{settings.suffix}", "metric": case.metric,
         "posttrain": rates["posttrain"], "peer": rates["peer"], "ratio": statistics.median(ratios),
@@ -247,9 +271,11 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
         "peak_rss_mb": {**rss, "ratio": rss["peer"] / rss["posttrain"]},
         "mfu": {s: flops[s] / peaks[dtype[s]] for s in flops}, "achieved_flops": flops,
         "tokens_per_step": med(lambda r: statistics.mean(r["step_tokens"][w:])),
-        # Same batches on both sides: the same non-pad tokens per step and the same first loss.
-        "same_step_tokens": all(a["step_tokens"] == b["step_tokens"]
-                                for a, b in zip(runs["posttrain"], runs["trl"], strict=True)),
+        # Same batches on both sides: the same non-pad tokens per step and the same first loss
+        # (GRPO trains on each side's own samples, so only the settings are the same there).
+        "same_step_tokens": case.name != "grpo" and all(
+            a["step_tokens"] == b["step_tokens"]
+            for a, b in zip(runs["posttrain"], runs["trl"], strict=True)),
         "first_loss": {peer[s]: runs[s][0]["losses"][0] for s in runs},
         # 1-min load average when each run started; our own runs keep it near `threads`.
         "load_average": [r["load"] for s in runs for r in runs[s]],

@@ -1,6 +1,6 @@
 """One posttrain training run for the benchmark: the real CLI in its own process.
 
-    python -m posttrain sft|dpo|rm bench/work/recipes/CASE.yaml key=value ...
+    python -m posttrain sft|dpo|rm|grpo bench/work/recipes/CASE.yaml key=value ...
 
 The harness writes a recipe per case (below), overrides the side's configuration
 (`data.packing`, `train.mixed_precision`) on the command line, and reads the per-step
@@ -17,8 +17,12 @@ from pathlib import Path
 
 import yaml
 
+# GRPO case: samples per prompt and new tokens per sample (bench/trl_runner.py uses the same).
+GRPO_GENERATIONS = 8
+GRPO_NEW_TOKENS = 32
+
 # CLI command per benchmark case.
-COMMANDS = {"sft": "sft", "dpo": "dpo", "rm": "rm"}
+COMMANDS = {"sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo"}
 
 
 def write_recipe(
@@ -61,6 +65,20 @@ def write_recipe(
         recipe["dpo"] = {"loss_type": "sigmoid", "beta": 0.1, "precompute_ref_logps": False}
     elif case == "rm":
         recipe["rm"] = {"use_margin": False, "centering_coef": 0.0}
+    elif case == "grpo":
+        # `batch` prompts x GRPO_GENERATIONS samples, one optimisation pass, no KL term; every
+        # completion in one micro-batch, as TRL's per_device_train_batch_size does.
+        recipe["grpo"] = {
+            "loss_type": "grpo",
+            "num_generations": GRPO_GENERATIONS,
+            "prompts_per_step": batch,
+            "max_new_tokens": GRPO_NEW_TOKENS,
+            "temperature": 1.0,
+            "beta": 0.0,
+            "num_iterations": 1,
+            "rewards": [{"name": "digit_overlap", "weight": 1.0}],
+        }
+        recipe["train"]["batch_size"] = batch * GRPO_GENERATIONS
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -1,6 +1,6 @@
 """One TRL training run for the benchmark, in its own process; writes per-step timings as JSON.
 
-    python bench/trl_runner.py sft|dpo|rm --model DIR --data FILE --out RESULT.json \
+    python bench/trl_runner.py sft|dpo|rm|grpo --model DIR --data FILE --out RESULT.json \
         --batch 32 --steps 10 --lr 1e-4 --max-length 128 [--bf16] [--padding-free] [--threads 2]
 
 Settings mirror the posttrain side (bench/posttrain_runner.py): same examples per optimizer
@@ -37,6 +37,9 @@ class CountingCollator:
 
     def __call__(self, examples):
         batch = self.inner(examples)
+        if isinstance(batch, list):  # GRPO: raw rows; tokens exist only after generation
+            self.tokens.append(0)
+            return batch
         mask = batch.get("attention_mask")
         # Padding-free SFT batches are one (1, total) row of real tokens and carry no mask.
         self.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
@@ -86,8 +89,49 @@ def build_rm(args, common: dict, train, tokenizer):
     )
 
 
-# One builder per benchmark case; GRPO (trl.GRPOTrainer) joins here when its case lands.
-TRAINERS = {"sft": build_sft, "dpo": build_dpo, "rm": build_rm}
+def digit_overlap_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """posttrain's `digit_overlap` built-in on TRL's conversational completions, so both sides
+    optimise the same reward (one with spread inside each group, so the backward does work)."""
+    from posttrain.scoring.rewards import digit_overlap
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return digit_overlap(prompts, texts, answer=answer)
+
+
+def build_grpo(args, common: dict, train, tokenizer):
+    import trl
+
+    from bench.posttrain_runner import GRPO_GENERATIONS, GRPO_NEW_TOKENS
+
+    # `--batch` is prompts per step: TRL counts completions per device batch, so 8 prompts x 8
+    # samples is per_device_train_batch_size=64 with one generation per optimizer step, one
+    # optimisation pass (num_iterations=1) and no reference model (beta=0), as on posttrain.
+    common = dict(common, per_device_train_batch_size=args.batch * GRPO_GENERATIONS)
+    config = trl.GRPOConfig(
+        **common,
+        num_generations=GRPO_GENERATIONS,
+        max_completion_length=GRPO_NEW_TOKENS,
+        steps_per_generation=1,
+        num_iterations=1,
+        beta=0.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        loss_type="grpo",
+        scale_rewards="group",
+        log_completions=False,
+    )
+    return trl.GRPOTrainer(
+        args.model,
+        reward_funcs=digit_overlap_reward,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+
+
+# One builder per benchmark case.
+TRAINERS = {"sft": build_sft, "dpo": build_dpo, "rm": build_rm, "grpo": build_grpo}
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,7 +141,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument(
-        "--batch", type=int, default=32, help="sequences (sft) or pairs (dpo, rm) per step"
+        "--batch",
+        type=int,
+        default=32,
+        help="sequences (sft), pairs (dpo, rm) or prompts (grpo) per step",
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-4)
