@@ -64,7 +64,7 @@ def make_data(seed: int = 0) -> dict[str, Path]:
     paths = {kind: data / name for kind, (name, _) in SOURCES.items()}
     if not (data / "rl_train.jsonl").is_file():
         _posttrain("data", "arithmetic", str(data), "--n", str(ROWS), "--seed", str(seed))
-    for kind, (name, source) in SOURCES.items():
+    for kind, (_, source) in SOURCES.items():
         if paths[kind].is_file():
             continue
         rng = random.Random(f"{seed}-{kind}")
@@ -83,6 +83,15 @@ def make_model(preset: str, seed: int = 0) -> Path:
     return model
 
 
+def answers_of(row: dict, kind: str) -> list[list]:
+    """The answers a row is trained on; an RL row has none (generation starts at the prompt)."""
+    if kind == "sft":
+        return [row["completion"]]
+    if kind == "preference":
+        return [row["chosen"], row["rejected"]]
+    return [[]]
+
+
 def length_stats(path: Path, model: Path, kind: str) -> dict:
     """Token lengths of the rendered rows (one per sequence), to report and for attention FLOPs."""
     from transformers import AutoTokenizer
@@ -92,8 +101,7 @@ def length_stats(path: Path, model: Path, kind: str) -> dict:
     with open(path) as f:
         for line in f:
             row = json.loads(line)
-            answers = {"sft": lambda: [row["completion"]], "rl": lambda: [[]],
-                       "preference": lambda: [row["chosen"], row["rejected"]]}[kind]()  # fmt: skip
+            answers = answers_of(row, kind)
             for answer in answers:  # rl: the prompt alone, as the generation starts from it
                 text = tokenizer.apply_chat_template(
                     row["prompt"] + answer, tokenize=False, add_generation_prompt=not answer
