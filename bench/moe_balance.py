@@ -1,4 +1,4 @@
-"""`python -m bench.moe_balance [--steps 150] [--coef 0.01]`: does the load-balancing loss
+"""`python -m bench.moe_balance [--steps 150] [--coef 0.1]`: does the load-balancing loss
 balance the experts? (acceptance check for model.moe, spec §10)
 
 Trains the same tiny Qwen3-MoE (4 experts, top-2) with SFT on the bundled arithmetic task twice,
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--coef", type=float, default=0.01, help="aux_loss_coef of the balanced run")
+    p.add_argument("--coef", type=float, default=0.1, help="aux_loss_coef of the balanced run")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moe_balance_"))

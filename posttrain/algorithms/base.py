@@ -40,6 +40,11 @@ class Algorithm(ABC):
     def compute_loss(self, model: torch.nn.Module, batch) -> LossOutput:
         """Loss of one micro-batch as a sum over its units (see LossOutput)."""
 
+    def extra_trained_models(self) -> list[torch.nn.Module]:
+        """Models other than the one `setup` returns that `compute_loss` trains (PPO's critic):
+        their MoE routers get the same router losses and balancing."""
+        return []
+
     def num_tokens(self, batch) -> int:
         """Non-pad tokens processed, for throughput."""
         return int(getattr(batch, "num_tokens", 0))

@@ -334,6 +334,9 @@ class PPO(Algorithm):
         }
         return LossOutput(total=total, units=mask.sum().float(), metrics=metrics)
 
+    def extra_trained_models(self) -> list[torch.nn.Module]:
+        return [self.critic]
+
     def on_step_end(self, model, step: int, accelerator: Accelerator) -> dict:
         params = [q for q in self.critic.parameters() if q.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm

@@ -55,9 +55,14 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     if cfg.lora.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(cfg.lora)
     try:
-        return auto_cls.from_pretrained(cfg.name_or_path, **kwargs)
+        model = auto_cls.from_pretrained(cfg.name_or_path, **kwargs)
     except OSError as e:
         raise ModelError(f"{cfg.name_or_path}: could not load the model: {e}") from None
+    if cfg.moe.freeze_router:  # at load, before any optimizer or DDP wrapper sees the params
+        from posttrain.models.moe import freeze_routers
+
+        freeze_routers(model)
+    return model
 
 
 def load_causal_lm(cfg: ModelConfig):

@@ -10,6 +10,9 @@ Per optimizer step:
 4. gradients are clipped by global norm; a non-finite norm skips the update and is counted
    (with fp16 the GradScaler does this and lowers the scale);
 5. AdamW steps, the schedule steps, metrics go to metrics.jsonl, checkpoints are atomic.
+
+Mixture-of-experts models get their router losses, load metrics and aux-free balancing here, for
+every algorithm alike (posttrain/models/moe.py); dense models skip all of it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from accelerate.utils import set_seed
 
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import BaseRecipe, ConfigError, save_config
+from posttrain.models.moe import MoEObjective
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.logging import MetricsLogger, ProgressBar
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -98,6 +102,8 @@ def train(
     accelerator.wait_for_everyone()
 
     model = algorithm.setup(accelerator)
+    # None for dense models. Built before `prepare` so its hooks sit on the unwrapped modules.
+    moe = MoEObjective.build([model, *algorithm.extra_trained_models()], cfg.model.moe)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
@@ -105,6 +111,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     state = LoopState()
     accelerator.register_for_checkpointing(scheduler, state, _AlgorithmState(algorithm))
+    if moe is not None and moe.bias is not None:
+        accelerator.register_for_checkpointing(moe)
 
     resumed_from = None
     if cfg.train.resume:
@@ -130,7 +138,7 @@ def train(
         step = state.step
         batches = algorithm.micro_batches(step, accelerator, model)
         model.train()
-        global_units = accumulate_gradients(accelerator, model, algorithm, batches, window)
+        global_units = accumulate_gradients(accelerator, model, algorithm, batches, window, moe)
 
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         finite = bool(torch.isfinite(grad_norm)) if grad_norm is not None else True
@@ -145,6 +153,8 @@ def train(
         window.add_step(global_units, grad_norm)
         extra = algorithm.on_step_end(model, state.step, accelerator)
         window.extra.update(extra or {})
+        if moe is not None:
+            window.extra.update(moe.on_step_end(accelerator))
 
         is_last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.log_every == 0 or is_last:
@@ -186,6 +196,8 @@ def train(
     if main:
         final.mkdir(parents=True, exist_ok=True)
         algorithm.save_final(accelerator.unwrap_model(model), final)
+        if moe is not None:
+            moe.save(final)
         save_config(cfg, final / "posttrain_config.yaml")
         (out / "train_summary.json").write_text(
             json.dumps(
@@ -201,6 +213,8 @@ def train(
             )
         )
     accelerator.wait_for_everyone()
+    if moe is not None:
+        moe.close()
     return TrainResult(out, final, state.step, last_metrics, time.perf_counter() - started)
 
 
@@ -210,6 +224,7 @@ def accumulate_gradients(
     algorithm: Algorithm,
     batches: list,
     window: _MetricWindow | None = None,
+    moe: MoEObjective | None = None,
 ) -> torch.Tensor:
     """Back-propagate this process's micro-batches so that the summed gradient equals that of
     one batch made of every micro-batch on every process; returns the global unit count."""
@@ -224,7 +239,10 @@ def accumulate_gradients(
         sync = i == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with accelerator.autocast():
-                output = algorithm.compute_loss(model, batch)
+                with moe.capture() if moe is not None else contextlib.nullcontext():
+                    output = algorithm.compute_loss(model, batch)
+                if moe is not None:  # router losses, weighted like this micro-batch's units
+                    output = moe.add_to_loss(output, float(algorithm.num_units(batch)))
             accelerator.backward(output.total * scale)
         if window is not None:
             window.add_micro(output, algorithm.num_tokens(batch))
