@@ -238,7 +238,9 @@ def run_case(case: Case, settings: Settings, peaks: dict, say=print) -> dict:
             )
         pt, trl = (rate(case, runs[s][-1], settings.warmup) for s in ("posttrain", "trl"))
         pt_shown, trl_shown = reported(case, pt), reported(case, trl)
-        say(f"  pair {pair}: posttrain {pt_shown:10.2f}  trl {trl_shown:10.2f}  ratio {pt / trl:5.2f}")
+        say(
+            f"  pair {pair}: posttrain {pt_shown:10.2f}  trl {trl_shown:10.2f}  ratio {pt / trl:5.2f}"
+        )
 
     return summarise(case, settings, fx, peaks, runs, probes, time.perf_counter() - started)
 
@@ -314,7 +316,14 @@ def run_rollout(settings: Settings, say=print) -> None:
     run_process(argv, WORK / "runs" / f"rollout_{settings.suffix}.log", child_env(settings))
 
 
-EXTERNAL = {"rollout": run_rollout}
+def run_speculative(settings: Settings, say=print) -> None:
+    """bench/speculative_bench.py: MTP self-speculative vs plain greedy rollouts (own record)."""
+    argv = [sys.executable, str(BENCH / "speculative_bench.py"), "--pairs", str(settings.pairs)]
+    argv += ["--threads", str(settings.threads), "--device", settings.device, "--record"]
+    run_process(argv, WORK / "runs" / "rollout_speculative.log", child_env(settings))
+
+
+EXTERNAL = {"rollout": run_rollout, "speculative": run_speculative}
 
 
 def _fmt_config(config: dict) -> str:

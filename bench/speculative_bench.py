@@ -72,14 +72,14 @@ def make_fixture(preset: str, kind: str, depth: int, steps: int, threads: int) -
         "data.train_path": data / "verbose_train.jsonl",
         "data.eval_path": "",
         "data.max_length": 96,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 20,
+        "optim.lr": 2e-3,
+        "optim.warmup_steps": 10,
         "train.output_dir": run,
         "train.max_steps": steps,
-        "train.batch_size": 32,
+        "train.batch_size": 16,
         "train.save_every": 0,
         "train.num_threads": threads,
-        "logging.log_every": 25,
+        "logging.log_every": 10,
         "logging.progress": False,
     }
     argv = [sys.executable, "-m", "posttrain", "sft", "recipes/sft_tiny_mtp.yaml"]
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
     parser.add_argument("--kind", default="medusa", choices=["medusa", "deepseek"])
     parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=120)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--b1-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)

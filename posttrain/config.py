@@ -43,6 +43,34 @@ class LoraConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Router training of mixture-of-experts models (spec §10; no-op for dense models)."""
+
+    aux_loss_coef: float = 0.001
+    """Load-balancing loss weight (Switch); 0.001 is transformers' Qwen-MoE/Mixtral default."""
+    aux_loss_impl: Literal["model", "posttrain"] = "model"
+    """'model': the architecture's own load_balancing_loss_func; 'posttrain': losses/moe.py."""
+    z_loss_coef: float = 0.0
+    """Router z-loss weight (ST-MoE), mean over tokens of logsumexp(router logits)^2."""
+    freeze_router: bool = False
+    """Keep the router (gate) weights fixed: requires_grad=False on load."""
+    aux_free_bias_gamma: float = 0.0
+    """DeepSeek-V3 aux-loss-free balancing: per-expert selection-bias step; 0 disables it."""
+
+
+@dataclass
+class MTPConfig:
+    kind: Literal["none", "deepseek", "medusa"] = "none"
+    """Multi-token prediction heads (spec section 11): none, DeepSeek-V3 modules or Medusa heads."""
+    depth: int = 2
+    """K, the number of extra heads; head k predicts the token k+1 positions ahead."""
+    weight: float = 0.3
+    """lambda: L = CE + (lambda / K) * sum_k CE_k."""
+    freeze_base: bool = False
+    """Train only the heads (the base model's parameters get no gradient)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""
     """Hugging Face model directory or hub id (required)."""
@@ -56,6 +84,10 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings (off when r=0)."""
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    """Multi-token prediction heads, saved beside the checkpoint (off when kind=none)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts router losses and balancing (ignored for dense models)."""
 
 
 @dataclass

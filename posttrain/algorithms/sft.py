@@ -13,9 +13,11 @@ from posttrain.config import BaseRecipe
 from posttrain.data.collate import pack_collate, pad_collate
 from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
 from posttrain.data.loading import DataError, load_rows
+from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
 
 @dataclass
@@ -62,6 +64,27 @@ def forward_logits(model, batch) -> torch.Tensor:
     ).logits  # (B, T, V)
 
 
+def mtp_losses(model, batch, weight: float) -> tuple[LossOutput, LossOutput]:
+    """Main cross-entropy and the MTP loss (spec section 11) of an `MTPCausalLM`."""
+    logits, head_logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    main = cross_entropy_loss(logits, batch.labels)
+    return main, mtp_loss(head_logits, batch.labels, weight, position_ids=batch.position_ids)
+
+
+def _mtp_metrics(main: LossOutput, extra: LossOutput) -> dict[str, torch.Tensor]:
+    """Per-depth metrics, 1-based as in the paper: mtp/loss_1 ... mtp/acc_K."""
+    metrics = {"main_loss": main.total.detach() / main.units.clamp(min=1), **main.metrics}
+    for key, value in extra.metrics.items():
+        name, k = key.rsplit("_", 1)  # mtp_loss_0 -> mtp/loss_1
+        metrics[f"mtp/{name.removeprefix('mtp_')}_{int(k) + 1}"] = value
+    return metrics
+
+
 class SFT(OfflineAlgorithm):
     name = "sft"
 
@@ -71,6 +94,11 @@ class SFT(OfflineAlgorithm):
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        if cfg.model.mtp.kind != "none":
+            if cfg.model.mtp.freeze_base:
+                model.requires_grad_(False)
+            heads = build_heads(model, cfg.model.mtp, cfg.model.name_or_path)
+            model = MTPCausalLM(model, heads)
         self.train_data = encode_sft_file(
             self.tokenizer, cfg.data.train_path, cfg.data.format, cfg.data.max_length
         )
@@ -102,25 +130,44 @@ class SFT(OfflineAlgorithm):
         return batch.num_loss_tokens
 
     def compute_loss(self, model, batch) -> LossOutput:
-        return cross_entropy_loss(forward_logits(model, batch), batch.labels)
+        if self.cfg.model.mtp.kind == "none":
+            return cross_entropy_loss(forward_logits(model, batch), batch.labels)
+        main, extra = mtp_losses(model, batch, self.cfg.model.mtp.weight)
+        # L_MTP is a per-micro-batch mean; weighting it by this micro-batch's tokens makes the
+        # loop's division by the global token count give CE + token-weighted mean of L_MTP
+        total = main.total + extra.total * main.units
+        return LossOutput(total, main.units, _mtp_metrics(main, extra))
+
+    def save_final(self, model, path) -> None:
+        if not isinstance(model, MTPCausalLM):
+            return super().save_final(model, path)
+        # the heads go beside the checkpoint, so from_pretrained(path) sees a plain model
+        super().save_final(model.base, path)
+        save_heads(model.heads, self.cfg.model.mtp, path)
 
     @torch.no_grad()
     def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:
         if self.eval_data is None:
             return {}
         model.eval()
-        totals = torch.zeros(3, device=accelerator.device)  # loss sum, units, correct tokens
+        depth = self.cfg.model.mtp.depth if self.cfg.model.mtp.kind != "none" else 0
+        # loss sum, units, correct tokens, then each head's accuracy weighted by units
+        totals = torch.zeros(3 + depth, device=accelerator.device)
         for batch in self.eval_batches(self.eval_data.examples, accelerator):
             with accelerator.autocast():
-                out = self.compute_loss(model, batch)
+                if depth:
+                    out, extra = mtp_losses(model, batch, self.cfg.model.mtp.weight)
+                    heads = [extra.metrics[f"mtp_acc_{k}"].float() for k in range(depth)]
+                else:
+                    out, heads = self.compute_loss(model, batch), []
+            units = out.units.float()
             totals += torch.stack(
-                [
-                    out.total.float(),
-                    out.units.float(),
-                    out.metrics["token_accuracy"].float() * out.units.float(),
-                ]
+                [out.total.float(), units, out.metrics["token_accuracy"].float() * units]
+                + [acc * units for acc in heads]
             )
         totals = accelerator.reduce(totals, reduction="sum")
         model.train()
         units = max(float(totals[1]), 1.0)
-        return {"loss": float(totals[0]) / units, "token_accuracy": float(totals[2]) / units}
+        result = {"loss": float(totals[0]) / units, "token_accuracy": float(totals[2]) / units}
+        result.update({f"mtp/acc_{k + 1}": float(totals[3 + k]) / units for k in range(depth)})
+        return result

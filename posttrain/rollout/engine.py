@@ -16,6 +16,11 @@ Every online trainer and `posttrain eval` get samples here; nobody else calls
    mask, positions and row map are indexed with the surviving rows
    (`cache.batch_select_indices`), so they cost no further compute.
 
+With `SamplingParams(speculative="mtp")` and the model's MTP heads, a chunk is decoded by
+self-speculation instead (speculative.py): the heads draft K tokens, one forward of the main
+model verifies them, and the output is the main model's (same greedy tokens, same sampling
+distribution, same log-probs).
+
 Log-probs are those of the sampled tokens under softmax(logits / T) before top-k / top-p
 (sampling.py), the quantity `sequence_logprobs` recomputes by teacher forcing.
 
@@ -27,6 +32,7 @@ sync buffers between ranks that generate different numbers of steps.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -36,6 +42,7 @@ from transformers import DynamicCache
 from posttrain.rollout.cache import preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep, position_ids_from_mask
 from posttrain.rollout.sampling import draw_uniforms, sample_next
+from posttrain.rollout.speculative import generate_chunk_speculative
 from posttrain.rollout.stopping import StopChecker, cut_at_stop
 from posttrain.rollout.types import RolloutBatch, SamplingParams
 
@@ -65,10 +72,16 @@ class RolloutEngine:
 
     `last_stats` describes the last `generate` call: prompts, samples, prompt_tokens,
     generated_tokens (EOS / stop tokens included), forward_passes (1 prefill per chunk + decode
-    steps), seconds and tokens_per_s (generated tokens per wall-clock second).
+    steps), seconds and tokens_per_s (generated tokens per wall-clock second); with
+    `speculative="mtp"` also accept_rate_k for k = 1..K (the fraction of row-steps, i.e. a row
+    in a verify forward, that accepted at least k drafts) and tokens_per_forward (mean tokens a
+    row gains per verify forward, 1 + sum of the rates).
+
+    mtp_heads: the model's `MTPHeads` (posttrain.models.mtp.load_heads), needed for
+    `SamplingParams(speculative="mtp")` (rollout/speculative.py).
     """
 
-    def __init__(self, model, tokenizer, max_batch_prompts: int = 64):
+    def __init__(self, model, tokenizer, max_batch_prompts: int = 64, mtp_heads=None):
         if isinstance(model, DistributedDataParallel):
             raise TypeError(
                 "RolloutEngine needs the unwrapped model: pass accelerator.unwrap_model(model)"
@@ -78,6 +91,7 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_prompts = max_batch_prompts
+        self.mtp_heads = mtp_heads
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -119,6 +133,8 @@ class RolloutEngine:
             raise ValueError("generate() needs at least one prompt")
         if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
             raise ValueError(f"got {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
+        if params.speculative == "mtp" and self.mtp_heads is None:
+            raise ValueError("speculative='mtp' needs RolloutEngine(..., mtp_heads=heads)")
         encoded = [self.encode(p) for p in prompts]
         device = next(self.model.parameters()).device
         uniforms = None  # (N, M) random numbers driving every draw; greedy needs none
@@ -127,6 +143,11 @@ class RolloutEngine:
                 len(prompts), params.n, params.max_new_tokens, params.seed, prompt_seeds, device
             )
         self._forwards = 0
+        depth = self.mtp_heads.depth if self.mtp_heads is not None else 0
+        self._spec_counts = {"row_steps": 0, "accepted": [0] * depth}
+        generate_chunk = self._generate_chunk
+        if params.speculative == "mtp":
+            generate_chunk = partial(generate_chunk_speculative, self)
         self._head_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
         started = time.perf_counter()
         was_training = self.model.training
@@ -139,7 +160,7 @@ class RolloutEngine:
                     rows = slice(start * params.n, stop * params.n)
                     chunk_uniforms = None if uniforms is None else uniforms[rows]
                     chunks.append(
-                        self._generate_chunk(encoded[start:stop], params, chunk_uniforms, device)
+                        generate_chunk(encoded[start:stop], params, chunk_uniforms, device)
                     )
         finally:
             self.model.train(was_training)
@@ -156,6 +177,12 @@ class RolloutEngine:
             "seconds": seconds,
             "tokens_per_s": generated / max(seconds, 1e-9),
         }
+        if params.speculative == "mtp":
+            row_steps = max(self._spec_counts["row_steps"], 1)
+            rates = [accepted / row_steps for accepted in self._spec_counts["accepted"]]
+            self.last_stats.update({f"accept_rate_{k + 1}": r for k, r in enumerate(rates)})
+            # a row gains 1 + (accepted drafts) tokens per verify forward
+            self.last_stats["tokens_per_forward"] = 1 + sum(rates)
         return batch
 
     def _forward(

@@ -12,6 +12,7 @@ starts); completions are RIGHT-padded (column 0 is the first generated token of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -36,6 +37,9 @@ class SamplingParams:
     seed: int | None = None
     """Seed of the sampling random numbers; None draws one from torch's global RNG. Unused when
     `RolloutEngine.generate` gets per-prompt seeds."""
+    speculative: Literal["none", "mtp"] = "none"
+    """Self-speculative decoding with the engine's MTP heads: the same tokens when greedy, the
+    same distribution when sampling, fewer forwards of the main model (rollout/speculative.py)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -52,6 +56,10 @@ class SamplingParams:
             )
         if isinstance(self.stop, str):
             raise TypeError("SamplingParams.stop is a list of strings, not a string")
+        if self.speculative not in ("none", "mtp"):
+            raise ValueError(
+                f"SamplingParams.speculative must be none or mtp, got {self.speculative!r}"
+            )
         if any(not s for s in self.stop):
             raise ValueError("SamplingParams.stop must not contain empty strings")
 
