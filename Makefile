@@ -28,7 +28,7 @@ endif
 	@touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/posttrain demo --out demo_out --stages sft
+	$(VENV)/bin/posttrain demo --out demo_out --stages sft,grpo
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -190,7 +190,9 @@ def merge_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Working directory for the demo.")] = Path("demo_out"),
-    stages: Annotated[str, typer.Option(help="Comma-separated stages, e.g. sft.")] = "sft",
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated, from sft, rm, dpo, grpo, kimi, ppo.")
+    ] = "sft,grpo",
     threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
 ) -> None:
     """Run the main job on the embedded default: tiny model, bundled task, before/after table."""
