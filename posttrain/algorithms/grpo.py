@@ -25,6 +25,7 @@ from accelerate.utils import gather_object
 
 from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
+    OnlineRLSettings,
     PrioritizedSampler,
     PromptData,
     RewardFunctionConfig,
@@ -44,23 +45,13 @@ from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, seque
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(OnlineRLSettings):
     loss_type: Literal["grpo", "dr_grpo", "dapo", "kimi"] = "grpo"
     """Aggregation of the clipped objective (spec section 7) or the Kimi k1.5 loss (section 8)."""
     num_generations: int = 8
     """G: completions sampled per prompt."""
     prompts_per_step: int = 8
     """Prompts per rollout over all processes (must divide by the number of processes)."""
-    max_new_tokens: int = 32
-    """Generation budget per completion (L_max for dr_grpo)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings besides EOS."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing."""
     epsilon_low: float = 0.2
@@ -79,12 +70,6 @@ class GRPOConfig:
     """DAPO: drop groups whose rewards are all equal and refill from new prompts."""
     max_refill_rounds: int = 3
     """Extra generation rounds dynamic sampling may use per rollout."""
-    rewards: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
-    """Reward functions and weights."""
-    failure_reward: float = 0.0
-    """Reward given to samples whose reward function raised, timed out or returned NaN."""
-    reward_timeout_s: float = 0.0
-    """Per-call timeout for reward functions (0: none)."""
     tau: float = 0.1
     """Kimi: τ, the strength of the relative-entropy regulariser."""
     length_penalty_weight: float = 0.0

@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -57,8 +57,8 @@ from posttrain.algorithms.ppo_rollout import (
     restore_buffer,
 )
 from posttrain.algorithms.rl_common import (
+    OnlineRLSettings,
     PromptData,
-    RewardFunctionConfig,
     build_scorer,
     load_reference,
     process_share,
@@ -80,38 +80,13 @@ from posttrain.rollout import SamplingParams, sequence_logprobs
 
 
 @dataclass
-class PPORewardConfig(RewardFunctionConfig):
-    """rl_common.RewardFunctionConfig with `params` typed `dict[str, Any]`: config.py's coercion
-    rejects a bare `dict` annotation, so recipes could not give a reward model's path."""
-
-    params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the function's factory (e.g. path for reward_model)."""
-
-
-@dataclass
-class PPOConfig:
+class PPOConfig(OnlineRLSettings):
     prompts_per_rollout: int = 64
     """Prompts per rollout over all processes (must divide by the number of processes)."""
     samples_per_prompt: int = 1
     """Completions sampled per prompt."""
     ppo_epochs: int = 4
     """Passes over each rollout; one optimizer step per minibatch of batch_size × grad_accum rows."""
-    max_new_tokens: int = 32
-    """Generation budget per completion."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings besides EOS."""
-    rewards: list[PPORewardConfig] = field(default_factory=lambda: [PPORewardConfig()])
-    """Reward functions and weights (e.g. reward_model with params {path: ...})."""
-    failure_reward: float = 0.0
-    """Score given to samples whose reward function raised, timed out or returned NaN."""
-    reward_timeout_s: float = 0.0
-    """Per-call timeout for reward functions (0: none)."""
     normalize_scores: bool = False
     """Standardise scores with the running mean/std of every score so far (kept in checkpoints)."""
     kl_estimator: Literal["k1", "k3"] = "k1"

@@ -32,6 +32,29 @@ class RewardFunctionConfig:
     """Keyword arguments for the function's factory (e.g. path for reward_model)."""
 
 
+@dataclass
+class OnlineRLSettings:
+    """Sampling and scoring settings every online trainer shares (GRPO, Kimi, PPO inherit them,
+    so their recipe keys stay flat: `grpo.temperature`, `ppo.temperature`)."""
+
+    max_new_tokens: int = 32
+    """Generation budget per completion (L_max for dr_grpo)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings besides EOS."""
+    rewards: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
+    """Reward functions and weights (e.g. reward_model with params {path: ...})."""
+    failure_reward: float = 0.0
+    """Reward given to samples whose reward function raised, timed out or returned NaN."""
+    reward_timeout_s: float = 0.0
+    """Per-call timeout for reward functions (0: none)."""
+
+
 def build_scorer(
     functions: list[RewardFunctionConfig], failure_reward: float, timeout_s: float
 ) -> Scorer:
