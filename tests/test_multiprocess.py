@@ -67,17 +67,36 @@ def test_grpo_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_p
     seeds the samples, rewards and updates equal a single-process run with the same global batch."""
     from test_grpo import rl_overrides
 
-    common = {"train.max_steps": 3, "optim.lr": 1e-3, "grpo.beta": 0.04, "data.eval_path": ""}
+    # A reward with spread inside the groups of a random model, so the update is driven by real
+    # advantages: with all-zero rewards only float noise (amplified by Adam) moves the weights,
+    # and two shardings of the same batch need not agree on noise.
+    (tmp_path / "spread_reward.py").write_text(
+        "def distinct(prompts, completions, **columns):\n"
+        "    return [len(set(c)) / (1 + len(c)) for c in completions]\n"
+    )
+    common = {
+        "train.max_steps": 3,
+        "optim.lr": 1e-3,
+        "grpo.beta": 0.04,
+        "data.eval_path": "",
+        "grpo.rewards": "[{name: 'spread_reward:distinct'}]",
+    }
     single = run_cli(
         "grpo",
         "recipes/grpo_tiny.yaml",
         *rl_overrides(tiny_model_dir, arithmetic_dir, tmp_path / "one", **common),
+        env={"PYTHONPATH": str(tmp_path)},
     )
     assert single.returncode == 0, single.stderr
     args = rl_overrides(
         tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 8}
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(tmp_path),
+    }
     two = subprocess.run(
         [
             sys.executable,
@@ -108,6 +127,7 @@ def test_grpo_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_p
     ]
     assert len(one_records) == len(two_records) == 3
     for a, b in zip(one_records, two_records):
+        assert a["rewards/std"] > 0, a  # advantages are not all zero
         for key in ("loss", "rewards/mean", "completion_length"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
         # kl is a token mean per micro-batch averaged over processes: close, not identical
