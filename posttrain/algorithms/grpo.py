@@ -27,9 +27,9 @@ from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
     PrioritizedSampler,
-    PromptData,
     RewardFunctionConfig,
     build_scorer,
+    load_policy_and_prompts,
     load_reference,
     process_share,
     reduce_means,
@@ -40,7 +40,6 @@ from posttrain.config import BaseRecipe, ConfigError
 from posttrain.losses.grpo import group_advantages, grpo_policy_loss
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
 
 
@@ -98,12 +97,7 @@ class GRPO(Algorithm):
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg, g = self.cfg, self.cfg.grpo
         self._validate(accelerator)
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.r > 0:
-            model = apply_lora(model, cfg.model.lora)
-        self.data = PromptData(cfg.data.train_path)
-        self.eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg)
         functions = list(g.rewards)
         if g.loss_type == "kimi" and g.length_penalty_weight > 0:
             functions.append(

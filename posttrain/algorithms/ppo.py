@@ -58,8 +58,8 @@ from posttrain.algorithms.ppo_rollout import (
 )
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
-    PromptData,
     build_scorer,
+    load_policy_and_prompts,
     load_reference,
     process_share,
     reduce_means,
@@ -74,7 +74,6 @@ from posttrain.losses.ppo import (
     ppo_value_loss,
 )
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from posttrain.models.value_head import critic_values, prepare_critic, save_critic
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
@@ -136,12 +135,7 @@ class PPO(Algorithm):
         cfg, p = self.cfg, self.cfg.ppo
         self._validate(accelerator)
         self.accelerator = accelerator
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.r > 0:
-            model = apply_lora(model, cfg.model.lora)
-        self.data = PromptData(cfg.data.train_path)
-        self.eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg)
         self.scorer = build_scorer(list(p.rewards), p.failure_reward, p.reward_timeout_s)
         self.reference = None
         self.use_reference = p.kl_control == "adaptive" or p.init_kl_coef > 0

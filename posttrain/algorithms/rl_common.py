@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.loading import DataError, load_rows, require_columns
-from posttrain.models.loading import is_peft_model, load_causal_lm
+from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutBatch, sequence_logprobs
 from posttrain.scoring import RewardSpec, Scorer
 
@@ -53,6 +53,18 @@ class OnlineRLSettings:
     """Reward given to samples whose reward function raised, timed out or returned NaN."""
     reward_timeout_s: float = 0.0
     """Per-call timeout for reward functions (0: none)."""
+
+
+def load_policy_and_prompts(cfg) -> tuple:
+    """What every online trainer starts from: (tokenizer, policy model with LoRA when asked,
+    training prompts, held-out prompts or None)."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model)
+    if cfg.model.lora.r > 0:
+        model = apply_lora(model, cfg.model.lora)
+    data = PromptData(cfg.data.train_path)
+    eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+    return tokenizer, model, data, eval_data
 
 
 def build_scorer(
