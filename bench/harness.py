@@ -66,7 +66,7 @@ CASES = {
         batch=16,
         lr=1e-5,
         target=2.0,
-        posttrain_configs=PRECISION,
+        posttrain_configs=[{"data.packing": p, **m} for m in PRECISION for p in (True, False)],
         trl_configs=TRL_PRECISION,
     ),
     "rm": Case(
@@ -76,7 +76,7 @@ CASES = {
         batch=16,
         lr=1e-5,
         target=2.0,
-        posttrain_configs=PRECISION,
+        posttrain_configs=[{"data.packing": p, **m} for m in PRECISION for p in (True, False)],
         trl_configs=TRL_PRECISION,
     ),
     # 8 prompts x 8 samples, 32 new tokens, beta=0, one optimisation pass (posttrain_runner.py).

@@ -101,7 +101,8 @@ class DataConfig:
     max_length: int = 512
     """Tokens per example; longer examples are truncated and counted."""
     packing: bool = False
-    """Concatenate each micro-batch into rows with per-example position_ids (padding-free)."""
+    """Padding-free rows. sft: examples concatenated with per-example position_ids. rm, dpo:
+    each pair laid out once with its prompt shared by both answers (needs sdpa attention)."""
     max_eval_examples: int = 512
     """Cap on eval rows used for eval loss."""
 

@@ -22,6 +22,11 @@ from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.algorithms.reward_model import log_data
 from posttrain.config import BaseRecipe
 from posttrain.data.preference import encode_preference_file, preference_collate
+from posttrain.data.preference_packing import (
+    PackedPreferenceBatch,
+    check_packing_supported,
+    packed_preference_collate,
+)
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
@@ -52,6 +57,8 @@ class DPORecipe(BaseRecipe):
 
 def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts: (2B,), (2B,)."""
+    if isinstance(batch, PackedPreferenceBatch):
+        return packed_completion_logps(model, batch)
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits
@@ -60,11 +67,31 @@ def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (per_token * mask).sum(-1), mask.sum(-1)
 
 
+def packed_completion_logps(
+    model, batch: PackedPreferenceBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums from a prefix-shared packed batch: log-softmax only where a completion
+    token is predicted, then summed per sequence."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    picked = logits.reshape(-1, logits.shape[-1])[batch.target_index]  # (N, V)
+    per_token = selective_log_softmax(picked[None], batch.target_ids[None])[0]  # (N,)
+    sequences = 2 * batch.num_pairs
+    sums = per_token.new_zeros(sequences).index_add(0, batch.target_seq, per_token)
+    return sums, torch.bincount(batch.target_seq, minlength=sequences)
+
+
 class DPO(OfflineAlgorithm):
     name = "dpo"
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
+        if cfg.data.packing:
+            check_packing_supported(cfg.model)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
@@ -110,6 +137,10 @@ class DPO(OfflineAlgorithm):
         return model
 
     def collate(self, examples):
+        if self.cfg.data.packing:
+            return packed_preference_collate(
+                examples, self.tokenizer.pad_token_id, 2 * self.cfg.data.max_length
+            )
         return preference_collate(examples, self.tokenizer.pad_token_id)
 
     def num_units(self, batch) -> int:

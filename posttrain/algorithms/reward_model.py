@@ -16,6 +16,11 @@ from accelerate import Accelerator
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
 from posttrain.data.preference import PreferenceData, encode_preference_file, preference_collate
+from posttrain.data.preference_packing import (
+    PackedPreferenceBatch,
+    check_packing_supported,
+    packed_preference_collate,
+)
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
@@ -46,11 +51,47 @@ def log_data(
         )
 
 
+def score_head(model) -> torch.nn.Module:
+    """The scalar head (`score`) of a sequence classifier, through DDP and peft wrappers."""
+    inner = model.module if hasattr(model, "module") else model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    head = getattr(inner, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(
+            f"{type(inner).__name__} has no `score` head; data.packing for rm needs one "
+            "(set data.packing=false)"
+        )
+    return head
+
+
+def packed_scores(model, batch: PackedPreferenceBatch) -> torch.Tensor:
+    """(2B,) scores at each sequence's last token of a prefix-shared packed batch.
+
+    The classifier pools at the last non-pad token of a row, which means nothing for a packed
+    row, so the head's per-position output is taken with a forward hook and indexed instead.
+    """
+    captured = []
+    hook = score_head(model).register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    return captured[-1].reshape(-1)[batch.last_index].float()
+
+
 class RewardModel(OfflineAlgorithm):
     name = "rm"
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
+        if cfg.data.packing:
+            check_packing_supported(cfg.model)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
         if cfg.model.lora.r > 0:
@@ -72,12 +113,19 @@ class RewardModel(OfflineAlgorithm):
         return model
 
     def collate(self, examples):
+        if self.cfg.data.packing:
+            return packed_preference_collate(
+                examples, self.tokenizer.pad_token_id, 2 * self.cfg.data.max_length
+            )
         return preference_collate(examples, self.tokenizer.pad_token_id)
 
     def num_units(self, batch) -> int:
         return batch.num_pairs
 
     def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, PackedPreferenceBatch):
+            scores = packed_scores(model, batch)
+            return scores[: batch.num_pairs], scores[batch.num_pairs :]
         scores = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).logits

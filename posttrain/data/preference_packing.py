@@ -1,0 +1,141 @@
+"""Padding-free, prefix-shared preference batches (`data.packing: true` for rm and dpo).
+
+A pair's chosen and rejected sequences share their prompt, and on preference data the prompt is
+most of the tokens. Packing lays a pair out once as a segment
+
+    [shared prefix | chosen suffix | rejected suffix]
+
+with position ids that restart at the end of the prefix for the rejected suffix, and a 4-D
+attention mask in which every token sees the earlier tokens of its own sequence only: the
+rejected suffix sees the prefix but not the chosen suffix, and no token sees another segment.
+Each token's hidden state is then exactly what it is in its own padded row, so the
+log-probs and scores are those of the padded batch (tested), for about half the tokens and no
+padding. Segments are packed first-fit into rows of `row_length` tokens.
+
+Because the prefix is shared, its last token predicts the first answer token of both
+sequences, so targets are not shifted labels: each completion token names the flat position of
+the token that predicts it (`target_index`), its id and the sequence it belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.batches import TensorBatch
+from posttrain.data.collate import pack_rows
+
+
+@dataclass(frozen=True)
+class PackedPreferenceBatch(TensorBatch):
+    """Sequence s in [0, 2B): chosen of pair i is s = i, rejected of pair i is s = B + i."""
+
+    input_ids: torch.Tensor  # (R, W)
+    position_ids: torch.Tensor  # (R, W)
+    attention_mask: torch.Tensor  # (R, 1, W, W) bool, True = may attend
+    target_index: torch.Tensor  # (N,) flat index into R*W of the position predicting each token
+    target_ids: torch.Tensor  # (N,) the completion tokens
+    target_seq: torch.Tensor  # (N,) which sequence each completion token belongs to
+    last_index: torch.Tensor  # (2B,) flat index of each sequence's last token (RM score)
+    margin: torch.Tensor | None  # (B,)
+    num_tokens: int  # non-pad tokens of chosen + rejected, as a padded batch counts them
+    computed_tokens: int  # tokens actually run through the model (prefix once, no padding)
+    pairs: int
+    ref_logps: torch.Tensor | None = None  # (B, 2) precomputed reference log-probs
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs
+
+
+def check_packing_supported(model_cfg) -> None:
+    """The 4-D boolean mask is read as "may attend" by SDPA only: eager attention would add it
+    to the scores and flash-attention cannot take it."""
+    if model_cfg.attn_implementation != "sdpa":
+        raise ValueError(
+            f"data.packing=true for preference pairs needs model.attn_implementation=sdpa, got "
+            f"{model_cfg.attn_implementation!r} (set data.packing=false)"
+        )
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """Longest common prefix, leaving each sequence at least one token of its own."""
+    limit = min(len(a), len(b)) - 1
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _offset(t: int, shared: int, own: int) -> int:
+    """Where token t of a sequence sits in its segment: the shared prefix, else its own suffix
+    (which starts at `own`)."""
+    return t if t < shared else own + t - shared
+
+
+def packed_preference_collate(
+    examples: list, pad_id: int, row_length: int
+) -> PackedPreferenceBatch:
+    pairs = len(examples)
+    layouts = []  # (shared, chosen suffix, rejected suffix) lengths per pair
+    for e in examples:
+        shared = _shared_prefix(e.chosen_ids, e.rejected_ids)
+        layouts.append((shared, len(e.chosen_ids) - shared, len(e.rejected_ids) - shared))
+    lengths = [sum(layout) for layout in layouts]
+    row_length = max(row_length, max(lengths))
+    rows = pack_rows(lengths, row_length)
+    width = max(sum(lengths[i] for i in group) for group in rows)
+
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    target_index, target_ids, target_seq = [], [], []
+    last_index = [0] * (2 * pairs)
+    for r, group in enumerate(rows):
+        start = 0
+        for i in group:
+            e, (shared, c_len, r_len) = examples[i], layouts[i]
+            end = start + shared + c_len + r_len
+            block = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            c0 = shared  # chosen suffix starts here (relative to the segment)
+            r0 = shared + c_len  # rejected suffix starts here
+            block[r0:, c0:r0] = False  # the rejected answer never sees the chosen one
+            mask[r, start:end, start:end] = block
+            input_ids[r, start:end] = torch.tensor(e.chosen_ids + e.rejected_ids[shared:])
+            position_ids[r, start : start + r0] = torch.arange(r0)
+            position_ids[r, start + r0 : end] = torch.arange(shared, shared + r_len)
+
+            base = r * width + start
+            for seq, ids, loss_mask, own in (
+                (i, e.chosen_ids, e.chosen_mask, c0),
+                (pairs + i, e.rejected_ids, e.rejected_mask, r0),
+            ):
+                for t in range(1, len(ids)):
+                    if loss_mask[t]:
+                        target_index.append(base + _offset(t - 1, shared, own))
+                        target_ids.append(ids[t])
+                        target_seq.append(seq)
+                last_index[seq] = base + _offset(len(ids) - 1, shared, own)
+            start = end
+        # Pad tail: each pad token attends to itself only, so no softmax row is empty (NaN).
+        tail = torch.arange(start, width)
+        mask[r, tail, tail] = True
+
+    refs = None
+    if all(e.ref_chosen is not None for e in examples):
+        refs = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
+    return PackedPreferenceBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask.unsqueeze(1),
+        target_index=torch.tensor(target_index, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        target_seq=torch.tensor(target_seq, dtype=torch.long),
+        last_index=torch.tensor(last_index, dtype=torch.long),
+        margin=torch.tensor([e.margin for e in examples], dtype=torch.float32),
+        num_tokens=sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples),
+        computed_tokens=sum(lengths),
+        pairs=pairs,
+        ref_logps=refs,
+    )
