@@ -65,6 +65,9 @@ class GRPOConfig(OnlineRLSettings):
     """Optimizer steps per rollout batch (μ); π_old log-probs are kept across them."""
     mask_truncated: bool = False
     """Exclude completions that hit max_new_tokens without EOS from the loss."""
+    share_prompt_forward: bool = True
+    """Training forwards run each prompt once for its num_generations completions (a 4-D
+    mask keeps them apart; exact). Needs sdpa attention and micro-batches of whole groups."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and refill from new prompts."""
     max_refill_rounds: int = 3
@@ -116,6 +119,8 @@ class GRPO(Algorithm):
         self.buffer: list = []
         self.rollout_metrics: dict = {}
         self.rollouts_done = 0
+        shared = g.share_prompt_forward and cfg.model.attn_implementation == "sdpa"
+        self.group_size = g.num_generations if shared else 1
         return model
 
     def _validate(self, accelerator: Accelerator) -> None:
@@ -223,7 +228,12 @@ class GRPO(Algorithm):
         if g.beta > 0:
             with accelerator.autocast():
                 ref = reference_logprobs(
-                    self.reference, model, rollout, g.temperature, cfg.train.batch_size
+                    self.reference,
+                    model,
+                    rollout,
+                    g.temperature,
+                    cfg.train.batch_size,
+                    self.group_size,
                 )
         metrics["rollout_seconds"] = time.perf_counter() - started
         self.rollout_metrics = reduce_means(accelerator, metrics)
@@ -243,6 +253,7 @@ class GRPO(Algorithm):
                 p.completion_ids,
                 p.completion_mask,
                 self.cfg.grpo.temperature,
+                group_size=self.group_size,
             )
             for p in rollout.split(self.cfg.train.batch_size)
         ]
@@ -320,6 +331,7 @@ class GRPO(Algorithm):
             batch.completion_mask,
             g.temperature,
             return_entropy=True,
+            group_size=self.group_size,
         )
         mask = batch.completion_mask.bool()
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()

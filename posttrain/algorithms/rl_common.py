@@ -167,9 +167,15 @@ def load_reference(cfg_model, reference_path: str, policy, device) -> torch.nn.M
 
 @torch.no_grad()
 def reference_logprobs(
-    reference, policy, rollout: RolloutBatch, temperature: float, chunk: int
+    reference,
+    policy,
+    rollout: RolloutBatch,
+    temperature: float,
+    chunk: int,
+    group_size: int = 1,
 ) -> torch.Tensor:
-    """(N, C) log-probs of the sampled tokens under the reference (chunked forward passes)."""
+    """(N, C) log-probs of the sampled tokens under the reference (chunked forward passes;
+    group_size as in `sequence_logprobs`)."""
     out = []
     for part in rollout.split(chunk):
         args = (
@@ -180,11 +186,11 @@ def reference_logprobs(
             temperature,
         )
         if reference is not None:
-            out.append(sequence_logprobs(reference, *args))
+            out.append(sequence_logprobs(reference, *args, group_size=group_size))
         else:
             unwrapped = policy.module if hasattr(policy, "module") else policy
             with unwrapped.disable_adapter():
-                out.append(sequence_logprobs(unwrapped, *args))
+                out.append(sequence_logprobs(unwrapped, *args, group_size=group_size))
     return torch.cat(out)
 
 

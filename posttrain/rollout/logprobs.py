@@ -48,21 +48,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def sequence_logprobs(
-    model,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Log-probs (N, C) float32 of `completion_ids` under softmax(logits / T), 0 where
-    `completion_mask` is 0. With return_entropy, also the (N, C) entropy of that distribution.
-
-    prompt_ids / prompt_mask: (N, P) left-padded; completion_ids / completion_mask: (N, C)
-    right-padded, as in `RolloutBatch`. temperature 0 (greedy sampling) is scored at T = 1.
-    """
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+    """(N, C, V) logits predicting each completion token, one [prompt; completion] row each."""
     width = completion_ids.shape[1]  # C
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (N, P + C)
@@ -76,7 +63,89 @@ def sequence_logprobs(
     ).logits
     # The logit at position t predicts token t + 1: the last prompt position predicts the first
     # completion token, and the last position predicts nothing.
-    logits = logits[:, -(width + 1) : -1]  # (N, C, V)
+    return logits[:, -(width + 1) : -1]  # (N, C, V)
+
+
+def shares_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
+    """Whether rows [kG, (k+1)G) hold one prompt each (and the model can take a 4-D mask)."""
+    n = prompt_ids.shape[0]
+    if n % group_size:
+        return False
+    ids = prompt_ids.view(n // group_size, group_size, -1)
+    masks = prompt_mask.view(n // group_size, group_size, -1)
+    return bool((ids == ids[:, :1]).all() and (masks == masks[:, :1]).all())
+
+
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_size) -> Tensor:
+    """The (N, C, V) logits of `completion_logits` with each prompt run once per group.
+
+    A group becomes one row [prompt (P, left-padded) | c_1 (C) | ... | c_G (C)] with a 4-D mask
+    in which completion j sees the prompt's real tokens and its own earlier tokens only, and
+    positions that continue the prompt's in every completion: each completion token's hidden
+    state is the one it has in its own row, for G·(P + C) - (P + G·C) fewer tokens per group.
+    Needs an attention that reads a boolean 4-D mask (sdpa).
+    """
+    n, width = completion_ids.shape  # N, C
+    groups, P, G = n // group_size, prompt_ids.shape[1], group_size
+    device = prompt_ids.device
+    first = torch.arange(groups, device=device) * G
+    p_ids, p_mask = prompt_ids[first], prompt_mask[first].bool()  # (g, P)
+    input_ids = torch.cat([p_ids, completion_ids.reshape(groups, G * width)], dim=1)  # (g, W)
+    W = P + G * width
+
+    # Segment of every column: 0 = prompt, j + 1 = completion j; and order within the row.
+    col = torch.arange(W, device=device)
+    segment = torch.where(col < P, 0, (col - P) // width + 1)  # (W,)
+    causal = col[None, :] <= col[:, None]  # (W, W) key <= query
+    same_completion = (segment[None, :] == segment[:, None]) & (segment[:, None] > 0)
+    no_completion = p_mask.new_zeros(groups, G * width)
+    real_prompt_key = torch.cat([p_mask, no_completion], dim=1)[:, None, :]  # (g, 1, W)
+    mask = (real_prompt_key | same_completion) & causal  # (g, W, W)
+    pad_queries = torch.cat([~p_mask, no_completion], dim=1)  # (g, W)
+    mask = mask | (torch.eye(W, dtype=torch.bool, device=device) & pad_queries[:, :, None])
+
+    prompt_len = p_mask.sum(-1, keepdim=True)  # (g, 1)
+    prompt_pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)  # (g, P)
+    completion_pos = prompt_len + torch.arange(width, device=device).repeat(G)  # (g, G*C)
+    position_ids = torch.cat([prompt_pos, completion_pos], dim=1)
+
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask.unsqueeze(1),
+        position_ids=position_ids,
+        use_cache=False,
+    ).logits  # (g, W, V)
+    # Token t of completion j is predicted at column P + j*C + t - 1, the first one by the
+    # prompt's last column (P - 1: prompts are left-padded).
+    t = torch.arange(width, device=device)
+    j = torch.arange(G, device=device)
+    predictor = torch.where(t[None, :] == 0, P - 1, P + j[:, None] * width + t[None, :] - 1)
+    return logits[:, predictor.reshape(-1)].reshape(n, width, -1)  # (N, C, V)
+
+
+def sequence_logprobs(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    group_size: int = 1,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs (N, C) float32 of `completion_ids` under softmax(logits / T), 0 where
+    `completion_mask` is 0. With return_entropy, also the (N, C) entropy of that distribution.
+
+    prompt_ids / prompt_mask: (N, P) left-padded; completion_ids / completion_mask: (N, C)
+    right-padded, as in `RolloutBatch`. temperature 0 (greedy sampling) is scored at T = 1.
+    group_size G > 1: rows come in runs of G sharing one prompt (n samples per prompt), so each
+    prompt is run once for its G completions (`shared_prompt_logits`); same numbers, fewer
+    tokens. Falls back to one row per sample when the rows do not share their prompts.
+    """
+    if group_size > 1 and shares_prompts(prompt_ids, prompt_mask, group_size):
+        logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
+    else:
+        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     scale = temperature if temperature > 0 else 1.0
 
     token_logprobs, entropies = [], []

@@ -74,3 +74,60 @@ def test_gradients_flow_and_entropy(model, tokenizer, prompts, extra_eos):
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 0.7
     )
     torch.testing.assert_close(without_entropy, logprobs, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_forward_equals_one_row_per_sample(model, tokenizer, prompts, extra_eos):
+    """group_size=n runs each prompt once for its n completions: same log-probs, entropies and
+    gradients as one [prompt; completion] row per sample."""
+    batch = sample(model, tokenizer, prompts, extra_eos, n=4)
+    assert batch.lengths.min() < batch.lengths.max()
+    model.train()
+    results = []
+    for group_size in (1, 4):
+        model.zero_grad()
+        logprobs, entropy = sequence_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            0.7,
+            return_entropy=True,
+            group_size=group_size,
+        )
+        weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)
+        (logprobs * weights).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    (lp1, ent1, g1), (lp4, ent4, g4) = results
+    torch.testing.assert_close(lp4, lp1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ent4, ent1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(g4, g1, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(lp4, batch.logprobs, atol=1e-4, rtol=0)
+
+
+def test_shared_prompt_forward_falls_back_when_prompts_differ(model, tokenizer, prompts, extra_eos):
+    from posttrain.rollout.logprobs import shares_prompts
+
+    batch = sample(model, tokenizer, prompts, extra_eos, n=2)
+    assert shares_prompts(batch.prompt_ids, batch.prompt_mask, 2)
+    assert not shares_prompts(batch.prompt_ids, batch.prompt_mask, 4)  # groups span prompts
+    with torch.no_grad():
+        want = sequence_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            0.7,
+        )
+        got = sequence_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            0.7,
+            group_size=4,
+        )
+    torch.testing.assert_close(got, want)
