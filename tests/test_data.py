@@ -37,13 +37,17 @@ def test_arithmetic_is_deterministic_and_held_out(tmp_path):
 
     test_problems = problems("rl", "test")
     assert len(test_problems) == 100
-    for kind in ("sft", "rl", "preference", "prompt_completion"):
+    for kind in ("sft", "rl", "preference", "prompt_completion", "preference_all"):
         assert not (problems(kind, "train") & test_problems), kind
+    # every training problem, each with every near miss (at least 4 per problem)
+    assert len(problems("preference_all", "train")) == 90 * 90 - 100
+    assert a["preference_all_train.jsonl"] >= 4 * (90 * 90 - 100)
 
 
 def test_arithmetic_rows_are_consistent(tmp_path):
     make_arithmetic(tmp_path, n=200, n_test=50)
-    for row in read_jsonl(tmp_path / "preference_train.jsonl"):
+    all_rows = read_jsonl(tmp_path / "preference_all_train.jsonl")
+    for row in read_jsonl(tmp_path / "preference_train.jsonl") + all_rows[:500]:
         a, b = [
             int(x)
             for x in row["prompt"][0]["content"].replace("?", " ").replace(".", " ").split()

@@ -7,12 +7,16 @@
 | sft_{split}.jsonl              | messages                         | sft             |
 | prompt_completion_{split}.jsonl| prompt, completion (message lists)| sft             |
 | preference_{split}.jsonl       | prompt, chosen, rejected          | rm, dpo         |
+| preference_all_train.jsonl     | prompt, chosen, rejected          | rm              |
 | rl_{split}.jsonl               | prompt, answer                    | grpo, ppo, eval |
 
 The held-out problems are a fixed set of operand pairs chosen by the seed before any training
 example is drawn, so no test problem (a, b) ever appears in train, in any format.
 Rejected answers are the mistakes a learner makes: a dropped carry, an extra carry, an
-off-by-one, or swapped digits.
+off-by-one, or swapped digits. `preference_{split}` pairs each drawn problem with one of them;
+`preference_all_train` pairs every training problem with each of its mistakes (~37k pairs), so a
+reward model that must learn to check sums sees every kind of near miss instead of memorising
+a few thousand pairs (it overfits those: 95% train against 88% held-out).
 """
 
 from __future__ import annotations
@@ -29,15 +33,36 @@ PROMPT_TEMPLATES = (
 )
 
 
-def _wrong_answer(a: int, b: int, rng: random.Random) -> int:
+def _mistakes(a: int, b: int) -> list[int]:
+    """Every near miss of a + b, sorted."""
     right = a + b
     candidates = {right + 10, right - 10, right + 1, right - 1}
     digits = str(right)
     if len(digits) >= 2 and digits[-1] != digits[-2]:
         candidates.add(int(digits[:-2] + digits[-1] + digits[-2]))
     candidates.discard(right)
-    candidates = {c for c in candidates if c >= 0}
-    return rng.choice(sorted(candidates))
+    return sorted(c for c in candidates if c >= 0)
+
+
+def _wrong_answer(a: int, b: int, rng: random.Random) -> int:
+    return rng.choice(_mistakes(a, b))
+
+
+def _all_mistake_rows(pairs: list[tuple[int, int]], rng: random.Random) -> list[dict]:
+    rows = []
+    for a, b in pairs:
+        reply = [{"role": "assistant", "content": str(a + b)}]
+        for wrong in _mistakes(a, b):
+            question = rng.choice(PROMPT_TEMPLATES).format(a=a, b=b)
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": reply,
+                    "rejected": [{"role": "assistant", "content": str(wrong)}],
+                }
+            )
+    rng.shuffle(rows)
+    return rows
 
 
 def _split_pairs(seed: int, n_test: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -82,4 +107,11 @@ def make_arithmetic(out_dir: str | Path, n: int = 6000, n_test: int = 500, seed:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
             counts[path.name] = len(rows)
+    # Its own generator, so the files above are the same with or without this one.
+    path = out_dir / "preference_all_train.jsonl"
+    rows = _all_mistake_rows(train_pairs, random.Random(seed + 2))
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    counts[path.name] = len(rows)
     return counts
