@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all lint format bench bench-quick clean
+.PHONY: install demo test test-slow test-all lint format bench bench-probe bench-quick clean
 
 install: $(STAMP)
 
@@ -42,9 +42,15 @@ test-all: install
 # Benchmarks against TRL (bench/README.md). TRL and matplotlib come from the `bench` extra, never
 # a runtime dependency; the constraint keeps the torch build installed above (2.13.0+cpu matches
 # ==2.13.0) so that resolving TRL can never swap it for another torch.
+# `make bench` takes each side's documented best configuration (the first candidate of each
+# case, bench/harness.py); `make bench-probe` first measures every candidate (~10 min more).
 bench: install
 	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
-	$(PY) -m bench
+	$(PY) -m bench --select fixed
+
+bench-probe: install
+	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
+	$(PY) -m bench --select probe
 
 bench-quick: install
 	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")

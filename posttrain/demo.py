@@ -147,6 +147,20 @@ def policy_stage(name: str, algorithm: str, recipe: str) -> Callable[[DemoContex
     return stage
 
 
+def stage_ppo_rm(ctx: DemoContext) -> dict:
+    """PPO scored by this demo's reward model only (no rule reward): RLHF end to end."""
+    weak, before = weak_sft(ctx)
+    reward = f"ppo.rewards=[{{name: reward_model, params: {{path: {ctx.reward_model}}}}}]"
+    result, seconds = train_stage(ctx, "ppo", "ppo_tiny_rm.yaml", weak, "ppo_rm", [reward])
+    return {
+        "stage": "ppo_rm",
+        "accuracy_before": before,
+        "accuracy_after": ctx.accuracy(result.final_dir)["accuracy"],
+        "train_seconds": seconds,
+        "model": str(result.final_dir),
+    }
+
+
 STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "sft": stage_sft,
     "rm": stage_rm,
@@ -154,6 +168,7 @@ STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "grpo": policy_stage("grpo", "grpo", "grpo_tiny.yaml"),
     "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
     "ppo": policy_stage("ppo", "ppo", "ppo_tiny.yaml"),
+    "ppo_rm": stage_ppo_rm,  # needs stage rm before it
 }
 
 
@@ -161,6 +176,10 @@ def run_demo(out: Path, stages: list[str], threads: int = 0) -> list[dict]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown demo stage(s) {unknown}: available {list(STAGES)}")
+    if "ppo_rm" in stages and "rm" not in stages[: stages.index("ppo_rm")]:
+        raise ConfigError(
+            "demo stage ppo_rm scores with the demo's reward model: list rm before it"
+        )
     from posttrain.data.arithmetic import make_arithmetic
     from posttrain.models.presets import init_model
 

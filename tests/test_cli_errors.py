@@ -109,3 +109,4 @@ def test_eval_errors(tmp_path, arithmetic_dir):
 
 def test_unknown_demo_stage():
     check_error(run_inprocess("demo", "--stages", "sft,magic"), "unknown demo stage")
+    check_error(run_inprocess("demo", "--stages", "ppo_rm,rm"), "list rm before it")

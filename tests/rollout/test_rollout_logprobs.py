@@ -76,6 +76,12 @@ def test_gradients_flow_and_entropy(model, tokenizer, prompts, extra_eos):
     torch.testing.assert_close(without_entropy, logprobs, atol=1e-5, rtol=0)
 
 
+def score(model, batch, **kwargs):
+    """sequence_logprobs of a rollout's own tokens at the sampling temperature."""
+    rows = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    return sequence_logprobs(model, *rows, 0.7, **kwargs)
+
+
 def test_shared_prompt_forward_equals_one_row_per_sample(model, tokenizer, prompts, extra_eos):
     """group_size=n runs each prompt once for its n completions: same log-probs, entropies and
     gradients as one [prompt; completion] row per sample."""
@@ -85,16 +91,7 @@ def test_shared_prompt_forward_equals_one_row_per_sample(model, tokenizer, promp
     results = []
     for group_size in (1, 4):
         model.zero_grad()
-        logprobs, entropy = sequence_logprobs(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            0.7,
-            return_entropy=True,
-            group_size=group_size,
-        )
+        logprobs, entropy = score(model, batch, return_entropy=True, group_size=group_size)
         weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)
         (logprobs * weights).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -113,21 +110,4 @@ def test_shared_prompt_forward_falls_back_when_prompts_differ(model, tokenizer, 
     assert shares_prompts(batch.prompt_ids, batch.prompt_mask, 2)
     assert not shares_prompts(batch.prompt_ids, batch.prompt_mask, 4)  # groups span prompts
     with torch.no_grad():
-        want = sequence_logprobs(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            0.7,
-        )
-        got = sequence_logprobs(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            0.7,
-            group_size=4,
-        )
-    torch.testing.assert_close(got, want)
+        torch.testing.assert_close(score(model, batch, group_size=4), score(model, batch))
