@@ -205,7 +205,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted no/off/yes/on as a boolean: `mixed_precision=no`.
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
+        if value in choices:
             return value
         near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], 1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -62,6 +62,10 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_recipe(SFTRecipe, recipe, ["train.max_steps=1.5"])
+    # YAML reads a bare `no` as False; the choice 'no' is what the user meant
+    assert (
+        load_recipe(SFTRecipe, recipe, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    )
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("optim.lr")
 
