@@ -244,3 +244,30 @@ def test_aux_free_bias_in_training_is_logged_and_saved(moe_model_dir, arithmetic
     saved = json.loads((out / "final" / "moe_selection_bias.json").read_text())
     assert sorted(saved["routers"]) == [f"model.layers.{i}.mlp.gate" for i in range(4)]
     assert all(abs(b) <= 0.02 + 1e-6 for row in saved["routers"].values() for b in row)
+
+
+def test_resume_restores_aux_free_bias(moe_model_dir, arithmetic_dir, tmp_path):
+    """A run killed after its step-2 checkpoint and resumed ends with the same weights and the
+    same selection bias as an uninterrupted one: the bias is part of the checkpoint."""
+    extra = {
+        "train.max_steps": 6,
+        "train.save_every": 2,
+        "model.moe.aux_free_bias_gamma": 0.01,
+        "optim.lr": 3e-3,
+    }
+
+    def run(out, *flags, env=None):
+        args = sft_overrides(moe_model_dir, arithmetic_dir, out, **extra)
+        return run_cli("sft", "recipes/sft_tiny_moe.yaml", *args, *flags, env=env)
+
+    assert run(tmp_path / "full").returncode == 0
+    stopped = run(tmp_path / "stopped", env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"})
+    assert stopped.returncode == -9
+    resumed = run(tmp_path / "stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = [tmp_path / d / "final" for d in ("full", "stopped")]
+    bias = [json.loads((f / "moe_selection_bias.json").read_text())["routers"] for f in final]
+    assert bias[0] == bias[1] and any(b for row in bias[0].values() for b in row)
+    weights = [load_file(f / "model.safetensors") for f in final]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0, msg=key)

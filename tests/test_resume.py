@@ -79,3 +79,26 @@ def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
     assert (
         steps[-1] == STEPS and steps.count(3) == 2
     )  # steps 3-4 were run twice: before and after the crash
+
+
+def test_resume_with_mtp_heads_matches_uninterrupted(tiny_model_dir, arithmetic_dir, tmp_path):
+    """The MTP heads (their weights and AdamW state) are part of the checkpoint too."""
+    mtp = ("model.mtp.kind=deepseek", "model.mtp.depth=2")
+    full = run(tiny_model_dir, arithmetic_dir, tmp_path / "full", *mtp)
+    assert full.returncode == 0, full.stderr
+    stopped = run(
+        tiny_model_dir,
+        arithmetic_dir,
+        tmp_path / "stopped",
+        *mtp,
+        env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"},
+    )
+    assert stopped.returncode == -9
+    resumed = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped", *mtp, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
+    heads = [
+        load_file(tmp_path / d / "final" / "mtp_heads.safetensors") for d in ("full", "stopped")
+    ]
+    assert heads[0]  # the heads were saved and trained
+    assert_same_weights(*heads)
