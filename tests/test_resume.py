@@ -35,25 +35,30 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
 
 
-def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
-    tiny_model_dir, arithmetic_dir, tmp_path
-):
-    full = run(tiny_model_dir, arithmetic_dir, tmp_path / "full")
+def full_and_killed_then_resumed(tiny_model_dir, arithmetic_dir, tmp_path, *extra):
+    """An uninterrupted run (tmp_path/full) and one SIGKILLed right after its step-2
+    checkpoint, then resumed (tmp_path/stopped); asserts they end with the same weights."""
+    full = run(tiny_model_dir, arithmetic_dir, tmp_path / "full", *extra)
     assert full.returncode == 0, full.stderr
-
-    # Killed (SIGKILL) right after the step-2 checkpoint completed, then resumed.
     stopped = run(
         tiny_model_dir,
         arithmetic_dir,
         tmp_path / "stopped",
+        *extra,
         env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"},
     )
     assert stopped.returncode == -9
     assert not (tmp_path / "stopped" / "final").exists()
-    resumed = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped", "--resume")
+    resumed = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped", *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
+
+
+def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
+    full_and_killed_then_resumed(tiny_model_dir, arithmetic_dir, tmp_path)
 
     # Killed in the middle of writing the step-4 checkpoint: step 4 must not count as saved.
     crashed = run(
@@ -84,19 +89,7 @@ def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
 def test_resume_with_mtp_heads_matches_uninterrupted(tiny_model_dir, arithmetic_dir, tmp_path):
     """The MTP heads (their weights and AdamW state) are part of the checkpoint too."""
     mtp = ("model.mtp.kind=deepseek", "model.mtp.depth=2")
-    full = run(tiny_model_dir, arithmetic_dir, tmp_path / "full", *mtp)
-    assert full.returncode == 0, full.stderr
-    stopped = run(
-        tiny_model_dir,
-        arithmetic_dir,
-        tmp_path / "stopped",
-        *mtp,
-        env={"POSTTRAIN_FAULT_INJECT": "sigkill_after_save:2"},
-    )
-    assert stopped.returncode == -9
-    resumed = run(tiny_model_dir, arithmetic_dir, tmp_path / "stopped", *mtp, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
+    full_and_killed_then_resumed(tiny_model_dir, arithmetic_dir, tmp_path, *mtp)
     heads = [
         load_file(tmp_path / d / "final" / "mtp_heads.safetensors") for d in ("full", "stopped")
     ]
