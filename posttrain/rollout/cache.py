@@ -23,10 +23,13 @@ from transformers.cache_utils import DynamicLayer
 class PreallocatedLayer(DynamicLayer):
     """`DynamicLayer` over a fixed-capacity buffer; grows by doubling if a caller overruns it."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, offset: int = 0):
         super().__init__()
         self.capacity = capacity
         self.length = 0  # filled positions; the buffer beyond is scratch
+        # Positions held elsewhere before this buffer (the shared prompt, prefix_shared.py):
+        # counted by get_seq_length, which the model uses to number new tokens.
+        self.offset = offset
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -65,7 +68,7 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def get_seq_length(self) -> int:
-        return self.length if self.is_initialized else 0
+        return self.offset + (self.length if self.is_initialized else 0)
 
     def reset(self) -> None:
         super().reset()
@@ -79,7 +82,7 @@ class PreallocatedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Row b becomes rows b*repeats .. b*repeats + repeats - 1; only the filled prefix is
         copied (a broadcast write, no temporary)."""
-        if self.get_seq_length() == 0:
+        if not self.is_initialized or self.length == 0:
             return
         for name in ("keys", "values"):
             old = getattr(self, name)  # (B, H, capacity, D)
@@ -91,7 +94,7 @@ class PreallocatedLayer(DynamicLayer):
             setattr(self, name, new)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
+        if self.is_initialized:
             self.keys = self.keys[indices]
             self.values = self.values[indices]
 
@@ -99,13 +102,13 @@ class PreallocatedLayer(DynamicLayer):
         self.batch_select_indices(beam_idx.to(self.keys.device))
 
 
-def preallocated_cache(config, capacity: int) -> DynamicCache:
+def preallocated_cache(config, capacity: int, offset: int = 0) -> DynamicCache:
     """A `DynamicCache` for `config` whose full-attention layers are `PreallocatedLayer`s."""
     cache = DynamicCache(config=config)
     if cache.layer_class_to_replicate is DynamicLayer:  # layers created lazily, all full attention
-        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
+        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity, offset)
     cache.layers = [
-        PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+        PreallocatedLayer(capacity, offset) if type(layer) is DynamicLayer else layer
         for layer in cache.layers
     ]
     return cache

@@ -32,6 +32,7 @@ sync buffers between ranks that generate different numbers of steps.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -41,6 +42,7 @@ from transformers import DynamicCache
 
 from posttrain.rollout.cache import preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep, position_ids_from_mask
+from posttrain.rollout.prefix_shared import SharedPrompt, supports_shared_prompt
 from posttrain.rollout.sampling import draw_uniforms, sample_next
 from posttrain.rollout.speculative import generate_chunk_speculative
 from posttrain.rollout.stopping import StopChecker, cut_at_stop
@@ -81,7 +83,9 @@ class RolloutEngine:
     `SamplingParams(speculative="mtp")` (rollout/speculative.py).
     """
 
-    def __init__(self, model, tokenizer, max_batch_prompts: int = 64, mtp_heads=None):
+    def __init__(
+        self, model, tokenizer, max_batch_prompts: int = 64, mtp_heads=None, share_prompt=True
+    ):
         if isinstance(model, DistributedDataParallel):
             raise TypeError(
                 "RolloutEngine needs the unwrapped model: pass accelerator.unwrap_model(model)"
@@ -92,6 +96,8 @@ class RolloutEngine:
         self.tokenizer = tokenizer
         self.max_batch_prompts = max_batch_prompts
         self.mtp_heads = mtp_heads
+        # n > 1: decode attention reads each prompt's keys once per group (prefix_shared.py)
+        self.share_prompt = share_prompt
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -213,11 +219,19 @@ class RolloutEngine:
         cache = preallocated_cache(self.model.config, capacity=width + max_new)
         logits = self._forward(cache, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))
 
-        # 2. Expand to n rows per prompt: rows [g*n:(g+1)*n] share prompt g's keys/values.
+        # 2. Expand to n rows per prompt: rows [g*n:(g+1)*n] share prompt g's keys/values,
+        # read once per group by the decode attention (prefix_shared.py) where the model
+        # allows, else copied n-fold.
+        shared = None
         if n > 1:
-            cache.batch_repeat_interleave(n)
+            if self.share_prompt and supports_shared_prompt(self.model, cache):
+                shared = SharedPrompt(cache, prompt_mask, n)
+                cache = preallocated_cache(self.model.config, capacity=max_new, offset=width)
+            else:
+                cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)  # (R, V)
             prompt_mask = prompt_mask.repeat_interleave(n, dim=0)  # (R, P)
+        decoding = partial(shared.active, self.model) if shared is not None else nullcontext
         rows = logits.shape[0]  # R
         # The mask for every step is a prefix of this one; slicing avoids a concat per step.
         ones = prompt_mask.new_ones(rows, max_new)
@@ -250,14 +264,17 @@ class RolloutEngine:
                 if keep.numel() == 0:
                     break
                 cache.batch_select_indices(keep)
+                if shared is not None:
+                    shared.select(keep)
                 active, next_tokens = active[keep], next_tokens[keep]
                 full_mask, positions = full_mask[keep], positions[keep]
-            logits = self._forward(
-                cache,
-                next_tokens.unsqueeze(-1),
-                full_mask[:, : width + step + 1],
-                positions.unsqueeze(-1),
-            )
+            with decoding():
+                logits = self._forward(
+                    cache,
+                    next_tokens.unsqueeze(-1),
+                    full_mask[:, : width + step + 1],
+                    positions.unsqueeze(-1),
+                )
             positions = positions + 1
         return tokens, logprobs, lengths, stopped
 

@@ -230,3 +230,32 @@ def test_prompt_forms_and_errors(model, tokenizer):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prompt_shared_decode_equals_copied_prompt_cache(
+    model, tokenizer, prompts, extra_eos, temperature, monkeypatch
+):
+    """Decode attention that reads each prompt once per group (prefix_shared.py) gives the
+    tokens and log-probs of the n-fold copied cache, rows finishing at mixed steps included."""
+    import posttrain.rollout.engine as engine_module
+
+    used = []
+
+    class CountingSharedPrompt(engine_module.SharedPrompt):
+        def __init__(self, *args):
+            super().__init__(*args)
+            used.append(self)
+
+    monkeypatch.setattr(engine_module, "SharedPrompt", CountingSharedPrompt)
+    extra_eos(model, tokenizer, many=True)
+    params = SamplingParams(n=4, temperature=temperature, max_new_tokens=16, seed=5)
+    copied = RolloutEngine(model, tokenizer, share_prompt=False).generate(prompts, params)
+    assert not used
+    shared = RolloutEngine(model, tokenizer, share_prompt=True).generate(prompts, params)
+    assert used  # the shared path ran
+    if temperature > 0:
+        assert copied.lengths.min() < copied.lengths.max()  # rows left the batch early
+    assert torch.equal(shared.completion_ids, copied.completion_ids)
+    torch.testing.assert_close(shared.logprobs, copied.logprobs, atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "sdpa"  # restored after decoding
