@@ -7,9 +7,11 @@ Every online trainer and `posttrain eval` get samples here; nobody else calls
    and position ids counted over real tokens, run through the model once into a
    `DynamicCache` whose full-attention layers write into preallocated buffers (cache.py),
    keeping only the last position's logits (`logits_to_keep=1`).
-2. Expand. `cache.batch_repeat_interleave(n)` copies each prompt's keys/values to its n
-   sample rows (rows [g*n:(g+1)*n] are prompt g), and the last logits are repeated the same
-   way, so the prompt is never recomputed n times (nanochat's engine does the same).
+2. Expand to n sample rows per prompt (rows [g*n:(g+1)*n] are prompt g; the last logits are
+   repeated), so the prompt is never recomputed n times. On sdpa models with plain
+   full-attention layers the prompt's keys/values stay one copy per prompt and the decode
+   attention reads them once per group (prefix_shared.py); otherwise
+   `cache.batch_repeat_interleave(n)` copies them to the n rows (as nanochat's engine does).
 3. Decode. One token per step for every active row (sampling.py). A row finishes on an EOS
    id (the tokenizer's and the generation config's) or when the decoded tail of its
    completion contains a stop string. Finished rows leave the batch at once: the cache,
