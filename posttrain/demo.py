@@ -130,12 +130,15 @@ def stage_rm(ctx: DemoContext) -> dict:
     }
 
 
-def policy_stage(name: str, algorithm: str, recipe: str) -> Callable[[DemoContext], dict]:
-    """A stage that improves the weak SFT checkpoint's greedy accuracy (dpo, grpo, kimi, ppo)."""
+def policy_stage(
+    name: str, algorithm: str, recipe: str, extra: Callable[[DemoContext], list[str]] = lambda c: []
+) -> Callable[[DemoContext], dict]:
+    """A stage that improves the weak SFT checkpoint's greedy accuracy (dpo, grpo, kimi, ppo);
+    `extra` gives recipe overrides that depend on earlier stages."""
 
     def stage(ctx: DemoContext) -> dict:
         weak, before = weak_sft(ctx)
-        result, seconds = train_stage(ctx, algorithm, recipe, weak, name)
+        result, seconds = train_stage(ctx, algorithm, recipe, weak, name, extra(ctx))
         return {
             "stage": name,
             "accuracy_before": before,
@@ -147,18 +150,9 @@ def policy_stage(name: str, algorithm: str, recipe: str) -> Callable[[DemoContex
     return stage
 
 
-def stage_ppo_rm(ctx: DemoContext) -> dict:
-    """PPO scored by this demo's reward model only (no rule reward): RLHF end to end."""
-    weak, before = weak_sft(ctx)
-    reward = f"ppo.rewards=[{{name: reward_model, params: {{path: {ctx.reward_model}}}}}]"
-    result, seconds = train_stage(ctx, "ppo", "ppo_tiny_rm.yaml", weak, "ppo_rm", [reward])
-    return {
-        "stage": "ppo_rm",
-        "accuracy_before": before,
-        "accuracy_after": ctx.accuracy(result.final_dir)["accuracy"],
-        "train_seconds": seconds,
-        "model": str(result.final_dir),
-    }
+def scored_by_demo_reward_model(ctx: DemoContext) -> list[str]:
+    """PPO's only reward: the reward model the rm stage trained (RLHF end to end)."""
+    return [f"ppo.rewards=[{{name: reward_model, params: {{path: {ctx.reward_model}}}}}]"]
 
 
 STAGES: dict[str, Callable[[DemoContext], dict]] = {
@@ -168,7 +162,8 @@ STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "grpo": policy_stage("grpo", "grpo", "grpo_tiny.yaml"),
     "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
     "ppo": policy_stage("ppo", "ppo", "ppo_tiny.yaml"),
-    "ppo_rm": stage_ppo_rm,  # needs stage rm before it
+    # needs stage rm before it
+    "ppo_rm": policy_stage("ppo_rm", "ppo", "ppo_tiny_rm.yaml", scored_by_demo_reward_model),
 }
 
 

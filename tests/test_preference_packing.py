@@ -84,9 +84,16 @@ def test_packed_rm_scores_equal_padded(tiny_model_dir, tmp_path):
 
 
 def test_packing_refuses_attention_that_cannot_take_the_mask():
-    from posttrain.config import ModelConfig
+    from types import SimpleNamespace
+
+    from posttrain.config import DataConfig, ModelConfig
     from posttrain.data.preference_packing import check_packing_supported
 
-    check_packing_supported(ModelConfig(name_or_path="x"))  # sdpa, the default
+    def recipe(packing, attn="sdpa"):
+        model = ModelConfig(name_or_path="x", attn_implementation=attn)
+        return SimpleNamespace(data=DataConfig(packing=packing), model=model)
+
+    check_packing_supported(recipe(True))  # sdpa, the default
+    check_packing_supported(recipe(False, "eager"))  # padded rows take any attention
     with pytest.raises(ValueError, match="needs model.attn_implementation=sdpa"):
-        check_packing_supported(ModelConfig(name_or_path="x", attn_implementation="eager"))
+        check_packing_supported(recipe(True, "eager"))

@@ -21,11 +21,11 @@ from accelerate.utils import gather_object
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.algorithms.reward_model import log_data
 from posttrain.config import BaseRecipe
-from posttrain.data.preference import encode_preference_file, preference_collate
+from posttrain.data.preference import encode_preference_file
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
-    packed_preference_collate,
+    collate_pairs,
 )
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
@@ -90,8 +90,7 @@ class DPO(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        if cfg.data.packing:
-            check_packing_supported(cfg.model)
+        check_packing_supported(cfg)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
@@ -137,11 +136,7 @@ class DPO(OfflineAlgorithm):
         return model
 
     def collate(self, examples):
-        if self.cfg.data.packing:
-            return packed_preference_collate(
-                examples, self.tokenizer.pad_token_id, 2 * self.cfg.data.max_length
-            )
-        return preference_collate(examples, self.tokenizer.pad_token_id)
+        return collate_pairs(examples, self.tokenizer.pad_token_id, self.cfg.data)
 
     def num_units(self, batch) -> int:
         return batch.num_pairs

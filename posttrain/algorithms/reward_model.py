@@ -15,15 +15,16 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
-from posttrain.data.preference import PreferenceData, encode_preference_file, preference_collate
+from posttrain.data.preference import PreferenceData, encode_preference_file
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
-    packed_preference_collate,
+    collate_pairs,
 )
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
+from posttrain.rollout.logprobs import unwrap_model
 
 
 @dataclass
@@ -53,9 +54,7 @@ def log_data(
 
 def score_head(model) -> torch.nn.Module:
     """The scalar head (`score`) of a sequence classifier, through DDP and peft wrappers."""
-    inner = model.module if hasattr(model, "module") else model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    inner = unwrap_model(model)
     head = getattr(inner, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise ValueError(
@@ -90,8 +89,7 @@ class RewardModel(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        if cfg.data.packing:
-            check_packing_supported(cfg.model)
+        check_packing_supported(cfg)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
         if cfg.model.lora.r > 0:
@@ -113,11 +111,7 @@ class RewardModel(OfflineAlgorithm):
         return model
 
     def collate(self, examples):
-        if self.cfg.data.packing:
-            return packed_preference_collate(
-                examples, self.tokenizer.pad_token_id, 2 * self.cfg.data.max_length
-            )
-        return preference_collate(examples, self.tokenizer.pad_token_id)
+        return collate_pairs(examples, self.tokenizer.pad_token_id, self.cfg.data)
 
     def num_units(self, batch) -> int:
         return batch.num_pairs

@@ -88,6 +88,13 @@ def encode_preference_file(
     return PreferenceData(examples, has_margin, skipped, truncated)
 
 
+def precomputed_reference(examples: list[PreferenceExample]) -> torch.Tensor | None:
+    """(B, 2) precomputed reference [chosen, rejected] log-probs, or None if any is missing."""
+    if any(e.ref_chosen is None for e in examples):
+        return None
+    return torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
+
+
 def preference_collate(examples: list[PreferenceExample], pad_id: int) -> PreferenceBatch:
     """Chosen rows then rejected rows, right-padded to one width: one forward pass for both."""
     sequences = [(e.chosen_ids, e.chosen_mask) for e in examples] + [
@@ -103,9 +110,7 @@ def preference_collate(examples: list[PreferenceExample], pad_id: int) -> Prefer
         labels[r, : len(ids)] = torch.tensor(shifted_labels(ids, mask))
         attention_mask[r, : len(ids)] = 1
     margin = torch.tensor([e.margin for e in examples], dtype=torch.float32)
-    refs = None
-    if all(e.ref_chosen is not None for e in examples):
-        refs = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
+    refs = precomputed_reference(examples)
     return PreferenceBatch(
         input_ids, attention_mask, labels, margin, int(attention_mask.sum()), refs
     )

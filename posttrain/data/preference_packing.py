@@ -25,6 +25,7 @@ import torch
 
 from posttrain.data.batches import TensorBatch
 from posttrain.data.collate import pack_rows
+from posttrain.data.preference import precomputed_reference, preference_collate
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,22 @@ class PackedPreferenceBatch(TensorBatch):
         return self.pairs
 
 
-def check_packing_supported(model_cfg) -> None:
-    """The 4-D boolean mask is read as "may attend" by SDPA only: eager attention would add it
-    to the scores and flash-attention cannot take it."""
-    if model_cfg.attn_implementation != "sdpa":
+def check_packing_supported(cfg) -> None:
+    """With data.packing, the 4-D boolean mask is read as "may attend" by SDPA only: eager
+    attention would add it to the scores and flash-attention cannot take it."""
+    if cfg.data.packing and cfg.model.attn_implementation != "sdpa":
         raise ValueError(
             f"data.packing=true for preference pairs needs model.attn_implementation=sdpa, got "
-            f"{model_cfg.attn_implementation!r} (set data.packing=false)"
+            f"{cfg.model.attn_implementation!r} (set data.packing=false)"
         )
+
+
+def collate_pairs(examples: list, pad_id: int, data_cfg):
+    """rm's and dpo's batches: prefix-shared packed rows with data.packing, else padded rows
+    (a packed row holds up to two max-length pairs)."""
+    if data_cfg.packing:
+        return packed_preference_collate(examples, pad_id, 2 * data_cfg.max_length)
+    return preference_collate(examples, pad_id)
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -122,9 +131,6 @@ def packed_preference_collate(
         tail = torch.arange(start, width)
         mask[r, tail, tail] = True
 
-    refs = None
-    if all(e.ref_chosen is not None for e in examples):
-        refs = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32)
     return PackedPreferenceBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -137,5 +143,5 @@ def packed_preference_collate(
         num_tokens=sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples),
         computed_tokens=sum(lengths),
         pairs=pairs,
-        ref_logps=refs,
+        ref_logps=precomputed_reference(examples),
     )

@@ -67,7 +67,7 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def shares_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
-    """Whether rows [kG, (k+1)G) hold one prompt each (and the model can take a 4-D mask)."""
+    """Whether rows [kG, (k+1)G) hold one prompt each."""
     n = prompt_ids.shape[0]
     if n % group_size:
         return False
@@ -109,17 +109,21 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_s
     completion_pos = prompt_len + torch.arange(width, device=device).repeat(G)  # (g, G*C)
     position_ids = torch.cat([prompt_pos, completion_pos], dim=1)
 
+    # Only columns P - 1 .. W - 1 predict completion tokens: the LM head skips the prompt.
+    keep = G * width + 1
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=input_ids,
         attention_mask=mask.unsqueeze(1),
         position_ids=position_ids,
         use_cache=False,
-    ).logits  # (g, W, V)
+        **extra,
+    ).logits[:, -keep:]  # (g, G*C + 1, V): column P - 1 + k is index k
     # Token t of completion j is predicted at column P + j*C + t - 1, the first one by the
     # prompt's last column (P - 1: prompts are left-padded).
     t = torch.arange(width, device=device)
     j = torch.arange(G, device=device)
-    predictor = torch.where(t[None, :] == 0, P - 1, P + j[:, None] * width + t[None, :] - 1)
+    predictor = torch.where(t[None, :] == 0, 0, 1 + j[:, None] * width + t[None, :] - 1)
     return logits[:, predictor.reshape(-1)].reshape(n, width, -1)  # (N, C, V)
 
 
