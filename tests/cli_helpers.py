@@ -4,6 +4,7 @@ conftest.py, so `from conftest import ...` would pick whichever was imported fir
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,42 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         env=full_env,
         timeout=timeout,
         cwd=REPO,
+    )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so concurrent test runs never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(
+    *args: str, nproc: int = 2, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node NPROC -m posttrain ARGS` on CPU (gloo), as a user would."""
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "posttrain",
+        *args,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )
 
 

@@ -1,12 +1,9 @@
 """Two real processes (torchrun, gloo on CPU) train like one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from cli_helpers import REPO, run_cli, sft_overrides
+from cli_helpers import run_cli, run_torchrun, sft_overrides
 
 pytestmark = pytest.mark.multiprocess
 
@@ -28,28 +25,7 @@ def test_torchrun_two_processes_matches_single(tiny_model_dir, arithmetic_dir, t
     args = sft_overrides(
         tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 4}
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29531",
-            "-m",
-            "posttrain",
-            "sft",
-            "recipes/sft_tiny.yaml",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
+    two = run_torchrun("sft", "recipes/sft_tiny.yaml", *args)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 5
@@ -91,33 +67,7 @@ def test_grpo_two_processes_matches_single(tiny_model_dir, arithmetic_dir, tmp_p
     args = rl_overrides(
         tiny_model_dir, arithmetic_dir, tmp_path / "two", **common, **{"train.batch_size": 8}
     )
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(tmp_path),
-    }
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29532",
-            "-m",
-            "posttrain",
-            "grpo",
-            "recipes/grpo_tiny.yaml",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
+    two = run_torchrun("grpo", "recipes/grpo_tiny.yaml", *args, env={"PYTHONPATH": str(tmp_path)})
     assert two.returncode == 0, two.stderr[-3000:]
     one_records = [
         json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
