@@ -153,6 +153,11 @@ class TrainConfig:
     """Continue from the latest complete checkpoint in output_dir."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""
+    sharding: Literal["auto", "none", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
+    """Parameter/gradient/optimizer sharding: auto follows the `accelerate launch` config; fsdp2
+    also works under torchrun on CPU; deepspeed_* need CUDA and the deepspeed extra."""
+    cpu_offload: bool = False
+    """Keep sharded parameters and optimizer state in CPU memory (fsdp2 or DeepSpeed only)."""
 
 
 @dataclass

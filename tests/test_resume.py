@@ -76,14 +76,37 @@ def test_resume_matches_uninterrupted_and_survives_kill_mid_save(
     assert not (ckpts / ".tmp-step-0000004").exists()
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "crashed"))
 
-    # The metrics file continues rather than restarting.
+    # Steps 3-4 were logged before the crash and again after the resume from step 2: the
+    # metrics file keeps each step once (the lines of the lost run are moved aside).
     steps = [
         json.loads(line)["step"]
         for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert (
-        steps[-1] == STEPS and steps.count(3) == 2
-    )  # steps 3-4 were run twice: before and after the crash
+    assert steps == list(range(1, STEPS + 1))
+    dropped = (tmp_path / "crashed" / "metrics.dropped.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in dropped] == [3, 4]
+
+
+def test_kill_while_writing_final_leaves_no_half_written_final(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
+    """final/ is written in a temporary directory and renamed: a kill in the middle leaves no
+    final/ (not a config-only one), and --resume writes a complete one."""
+    out = tmp_path / "run"
+    killed = run(
+        tiny_model_dir,
+        arithmetic_dir,
+        out,
+        env={"POSTTRAIN_FAULT_INJECT": f"sigkill_during_final:{STEPS}"},
+    )
+    assert killed.returncode == -9
+    assert not (out / "final").exists() and (out / ".tmp-final" / "config.json").exists()
+    resumed = run(tiny_model_dir, arithmetic_dir, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (out / ".tmp-final").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")  # a complete checkpoint
 
 
 def test_resume_with_mtp_heads_matches_uninterrupted(tiny_model_dir, arithmetic_dir, tmp_path):

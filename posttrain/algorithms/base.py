@@ -1,21 +1,38 @@
 """What an algorithm contributes to the one training loop.
 
 The loop (posttrain/train/loop.py) owns accumulation, global normalisation, clipping, precision,
-logging, evaluation and checkpoints. An algorithm only says how to build its models and data,
-how to make this process's micro-batches for an optimizer step, how many loss units a batch
-holds, and how to compute the loss of one micro-batch. It never subclasses a trainer.
+sharding, every optimizer, logging, evaluation and checkpoints. An algorithm only says how to
+build its models and data, how to make this process's micro-batches for an optimizer step, how
+many loss units a batch holds, and how to compute the loss of one micro-batch. An algorithm that
+trains a second model in the same loss (PPO's critic) registers it as an extra `Trainable`; the
+loop gives it an optimizer and schedule and clips, skips, checkpoints and shards it like the
+policy. It never subclasses a trainer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from posttrain.config import OptimConfig
 from posttrain.losses.types import LossOutput
+
+
+@dataclass
+class Trainable:
+    """A model the loop trains: its own AdamW (`optim`'s groups and schedule) and, after the
+    loop prepares it, its prepared module, optimizer and scheduler."""
+
+    name: str  # metrics prefix and final/ sub-directory ("model" is the policy)
+    module: torch.nn.Module
+    optim: OptimConfig
+    optimizer: Any = None
+    scheduler: Any = None
 
 
 class Algorithm(ABC):
@@ -40,9 +57,10 @@ class Algorithm(ABC):
     def compute_loss(self, model: torch.nn.Module, batch) -> LossOutput:
         """Loss of one micro-batch as a sum over its units (see LossOutput)."""
 
-    def extra_trained_models(self) -> list[torch.nn.Module]:
-        """Models other than the one `setup` returns that `compute_loss` trains (PPO's critic):
-        their MoE routers get the same router losses and balancing."""
+    def extra_trainables(self) -> list[Trainable]:
+        """Models other than the one `setup` returns that `compute_loss` trains (PPO's critic).
+        The loop prepares them (replacing `.module` by the prepared one), owns their optimizer
+        steps, and gives their MoE routers the same router losses and balancing."""
         return []
 
     def num_tokens(self, batch) -> int:
@@ -62,9 +80,13 @@ class Algorithm(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def save_final(self, model: torch.nn.Module, path: Path) -> None:
-        """Write the trained model in Hugging Face format (rank 0 only)."""
-        model.save_pretrained(path, safe_serialization=True)
+    def save_final(
+        self, model: torch.nn.Module, path: Path, state_dicts: dict[str, dict | None]
+    ) -> None:
+        """Write the trained model in Hugging Face format (main process only). `state_dicts`
+        maps each Trainable's name to its full state dict gathered by every rank when the
+        model is sharded, or None when the unwrapped module holds whole parameters."""
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dicts.get("model"))
         self.tokenizer.save_pretrained(path)
 
 
@@ -92,11 +114,18 @@ class OfflineAlgorithm(Algorithm):
         return self.sampler.epoch_of(step, self.global_batch)
 
     def eval_batches(self, examples: list, accelerator: Accelerator):
-        """This process's share of held-out examples, collated in micro-batches."""
+        """This process's share of held-out examples as (batch, weight) micro-batches.
+
+        Every process yields the same number of batches: sharded models (FSDP2, ZeRO-3) run
+        collectives inside each forward. A process with fewer rows pads with a copy of a real
+        batch whose weight is 0.0: callers multiply its sums by the weight."""
         mine = examples[accelerator.process_index :: accelerator.num_processes]
         size = self.cfg.train.batch_size
-        for start in range(0, len(mine), size):
-            yield self.collate(mine[start : start + size]).to(accelerator.device)
+        for start in process_batches(len(mine), size, accelerator):
+            rows, weight = mine[start : start + size], 1.0
+            if not rows:
+                rows, weight = (mine or examples)[:size], 0.0
+            yield self.collate(rows).to(accelerator.device), weight
 
 
 class StepSampler:
@@ -148,3 +177,13 @@ def local_micro_indices(
         global_indices[(m * world + rank) * micro_batch : (m * world + rank + 1) * micro_batch]
         for m in range(n_micro)
     ]
+
+
+def process_batches(count: int, batch_size: int, accelerator: Accelerator) -> range:
+    """Start offsets of `batch_size` chunks over this process's `count` rows, padded to the
+    largest count of any process: FSDP2/ZeRO-3 forwards are collectives, so every rank must run
+    the same number of them (the extra offsets point past the end: empty chunks)."""
+    chunks = torch.tensor(float(-(-count // batch_size)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        chunks = accelerator.reduce(chunks, reduction="max")
+    return range(0, int(chunks) * batch_size, batch_size)

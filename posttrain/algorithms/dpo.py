@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from posttrain.algorithms.base import OfflineAlgorithm
+from posttrain.algorithms.base import OfflineAlgorithm, process_batches
 from posttrain.algorithms.reward_model import log_data
 from posttrain.config import BaseRecipe
 from posttrain.data.preference import encode_preference_file
@@ -31,6 +31,7 @@ from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
+from posttrain.models.sharding import shard_frozen
 
 
 @dataclass
@@ -122,9 +123,8 @@ class DPO(OfflineAlgorithm):
                     attn_implementation=cfg.model.attn_implementation,
                 )
             )
-            self.reference = (
-                load_causal_lm(ref_cfg).to(accelerator.device).eval().requires_grad_(False)
-            )
+            # Placed like the policy will be: sharded under FSDP2/ZeRO-3, replicated otherwise.
+            self.reference = shard_frozen(accelerator, load_causal_lm(ref_cfg))
         if self.needs_reference and cfg.dpo.precompute_ref_logps:
             model.to(accelerator.device)
             for examples in (self.train_examples, self.eval_examples):
@@ -159,9 +159,12 @@ class DPO(OfflineAlgorithm):
         results = []
         was_training = model.training
         model.eval()
-        for start in range(0, len(mine), size):
+        # The same number of forwards on every process (a sharded reference's forward is a
+        # collective); a process out of rows repeats a batch and drops its results.
+        for start in process_batches(len(mine), size, accelerator):
             idx = mine[start : start + size]
-            batch = self.collate([examples[i] for i in idx]).to(accelerator.device)
+            rows = idx or (mine or list(range(len(examples))))[:size]
+            batch = self.collate([examples[i] for i in rows]).to(accelerator.device)
             with accelerator.autocast():
                 ref = self.reference_logps(model, batch).float().cpu()
             pairs = len(idx)
@@ -200,12 +203,12 @@ class DPO(OfflineAlgorithm):
         d = self.cfg.dpo
         totals = torch.zeros(3, device=accelerator.device)  # loss sum, pairs, accuracy sum
         passes = self.ref_forward_passes  # evaluation's reference passes are not training's
-        for batch in self.eval_batches(self.eval_examples, accelerator):
+        for batch, weight in self.eval_batches(self.eval_examples, accelerator):
             with accelerator.autocast():
                 out = DPO_LOSSES[d.loss_type](
                     self.preference_logps(model, batch), d.beta, d.label_smoothing, d.gamma
                 )
-            totals += torch.stack(
+            totals += weight * torch.stack(
                 [
                     out.total.float(),
                     out.units.float(),

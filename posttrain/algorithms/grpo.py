@@ -111,7 +111,7 @@ class GRPO(Algorithm):
         self.scorer = build_scorer(functions, g.failure_reward, g.reward_timeout_s)
         self.reference = None
         if g.beta > 0:
-            self.reference = load_reference(cfg.model, g.reference, model, accelerator.device)
+            self.reference = load_reference(cfg.model, g.reference, model, accelerator)
         if g.prioritized_sampling:
             self.sampler = PrioritizedSampler(len(self.data), cfg.train.seed)
         else:

@@ -13,12 +13,17 @@ minibatch (its micro-batches are train.batch_size chunks), so a rollout serves
 ppo_epochs × R / minibatch optimizer steps. When a step's approx KL (all its micro-batches and
 processes) exceeds `max_approx_kl`, the rest of the rollout is skipped and the next step samples.
 
-The critic (models/value_head.py) is a second model with its own AdamW and schedule, prepared in
-`setup` through Accelerate, so the loop's save_state/load_state checkpoint them too.
-`compute_loss` returns policy + vf_coef·value − entropy_coef·entropy, all token sums, so the
-loop's one backward and global token normalisation serve both models; `on_step_end` clips, steps
-and zeroes the critic. The KL controller, score statistics and the unfinished rollout (rows and
-minibatch plan of every process) are algorithm state: a resume mid-rollout continues exactly.
+The critic (models/value_head.py) is a second model that PPO registers with the loop as an
+extra Trainable (its own AdamW at ppo.critic_lr, same schedule): the loop prepares, shards,
+clips, skips and checkpoints it with the policy. `compute_loss` returns
+policy + vf_coef·value − entropy_coef·entropy, all token sums, so the loop's one backward and
+global token normalisation serve both models.
+
+Minibatches are drawn from the global rollout: every process gathers all processes' rows and
+the same seeded permutation, then trains its share of each global minibatch, so a run on 2
+processes takes the same steps as 1 process with the same global batch. The KL controller,
+score statistics and the unfinished rollout (rows and minibatch plan) are algorithm state: a
+resume mid-rollout continues exactly.
 
 Deliberate choices and deviations:
 - π_old is the sampling policy: the engine's log-probs (equal to a teacher-forced pass),
@@ -34,27 +39,29 @@ Deliberate choices and deviations:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import Accelerator
 
-from posttrain.algorithms.base import Algorithm, StepSampler
+from posttrain.algorithms.base import Algorithm, StepSampler, Trainable
 from posttrain.algorithms.ppo_rollout import (
     PPOBatch,
     RunningMoments,
     chunked,
     estimate_advantages,
-    gather_buffers,
+    gather_rollout,
     generate_and_score,
     global_moments,
     greedy_accuracy,
+    local_rows,
     minibatch_plan,
-    restore_buffer,
+    restore_rollout,
+    rollout_state,
 )
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
@@ -74,7 +81,7 @@ from posttrain.losses.ppo import (
     ppo_value_loss,
 )
 from posttrain.losses.types import LossOutput
-from posttrain.models.value_head import critic_values, prepare_critic, save_critic
+from posttrain.models.value_head import critic_values, load_critic, save_critic
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
 
@@ -140,7 +147,7 @@ class PPO(Algorithm):
         self.reference = None
         self.use_reference = p.kl_control == "adaptive" or p.init_kl_coef > 0
         if self.use_reference:
-            self.reference = load_reference(cfg.model, p.reference, model, accelerator.device)
+            self.reference = load_reference(cfg.model, p.reference, model, accelerator)
         if p.kl_control == "adaptive":
             self.kl_ctl = AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
         else:
@@ -155,13 +162,12 @@ class PPO(Algorithm):
         )
         self.moments = RunningMoments()
         self.sampler = StepSampler(len(self.data), cfg.train.seed)
-        critic_optim = dataclasses.replace(cfg.optim, lr=p.critic_lr)
-        # Prepared before the loop prepares the policy, so Accelerate checkpoints the critic, its
-        # optimizer and schedule with every save_state (as model_0, optimizer_0, scheduler_0).
-        self.critic, self.critic_optimizer, self.critic_scheduler = prepare_critic(
-            cfg.model, self._critic_path(), critic_optim, cfg.train.max_steps, accelerator
+        # The loop gives it AdamW (critic_lr, the policy's schedule), prepares and steps it.
+        self.critic_trainable = Trainable(
+            "critic",
+            load_critic(cfg.model, self._critic_path()),
+            dataclasses.replace(cfg.optim, lr=p.critic_lr),
         )
-        self._micro_total = self._micro_seen = 0
         self.rollout: PPOBatch | None = None
         self.plan = torch.zeros(0, 0, dtype=torch.long)  # (steps, minibatch) rows per step
         self.cursor = 0  # next row of `plan`
@@ -169,6 +175,14 @@ class PPO(Algorithm):
         self.early_stops = 0
         self.rollout_metrics: dict = {}
         return model
+
+    @property
+    def critic(self) -> torch.nn.Module:
+        """The critic as the loop prepared it (before `prepare`: as loaded)."""
+        return self.critic_trainable.module
+
+    def extra_trainables(self) -> list[Trainable]:
+        return [self.critic_trainable]
 
     def _critic_path(self) -> str:
         p = self.cfg.ppo
@@ -254,9 +268,11 @@ class PPO(Algorithm):
         self.kl_ctl.update(self.rollout_metrics["kl"], p.prompts_per_rollout * n)
         if p.normalize_scores:
             self.rollout_metrics.update(score_mean=self.moments.mean, score_std=self.moments.std)
-        self.rollout = PPOBatch.of(rollout, old, values, advantages, returns)
-        size = cfg.train.batch_size * cfg.train.grad_accum
-        self.plan = minibatch_plan(len(rollout), size, p.ppo_epochs, cfg.train.seed, index)
+        local = PPOBatch.of(rollout, old, values, advantages, returns)
+        self.rollout = gather_rollout(local, accelerator)
+        self.plan = minibatch_plan(
+            len(self.rollout), self._global_minibatch(), p.ppo_epochs, cfg.train.seed, index
+        )
         self.cursor = 0
         self.rollouts_done += 1
 
@@ -265,10 +281,9 @@ class PPO(Algorithm):
     def micro_batches(self, step: int, accelerator: Accelerator, model) -> list:
         if self.rollout is None or self.cursor >= len(self.plan):
             self.make_rollout(accelerator, model)
-        minibatch = self.rollout.select(self.plan[self.cursor])
+        rows = local_rows(self.plan[self.cursor], self.cfg.train.batch_size, accelerator)
         self.cursor += 1
-        micro = minibatch.split(self.cfg.train.batch_size)
-        self._micro_total, self._micro_seen = len(micro), 0
+        micro = [self.rollout.select(r) for r in rows]
         self._step_kl = torch.zeros(2, device=accelerator.device)  # approx-KL·tokens, tokens
         return micro
 
@@ -279,12 +294,8 @@ class PPO(Algorithm):
         p = self.cfg.ppo
         rows = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         logprobs, entropy = sequence_logprobs(model, *rows, p.temperature, return_entropy=True)
-        # The critic's gradients sync across processes on the step's last micro-batch only
-        # (DDP decides at forward time, so wrapping the forward is enough).
-        self._micro_seen += 1
-        last = self._micro_seen >= self._micro_total
-        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.critic):
-            values = critic_values(self.critic, *rows)  # (N, C), like logprobs and entropy
+        # The loop syncs the critic's gradients on the step's last micro-batch only, as the policy's.
+        values = critic_values(self.critic, *rows)  # (N, C), like logprobs and entropy
         mask = batch.completion_mask.bool()
         policy = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, p.clip_range)
         value = ppo_value_loss(values, batch.old_values, batch.returns, mask, p.clip_range_value)
@@ -303,17 +314,7 @@ class PPO(Algorithm):
         }
         return LossOutput(total=total, units=mask.sum().float(), metrics=metrics)
 
-    def extra_trained_models(self) -> list[torch.nn.Module]:
-        return [self.critic]
-
     def on_step_end(self, model, step: int, accelerator: Accelerator) -> dict:
-        params = [q for q in self.critic.parameters() if q.requires_grad]
-        max_norm = self.cfg.optim.max_grad_norm
-        norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if norm is None or torch.isfinite(norm):
-            self.critic_optimizer.step()
-            self.critic_scheduler.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)
         kl_sum, tokens = accelerator.reduce(self._step_kl, reduction="sum").tolist()
         approx_kl = kl_sum / max(tokens, 1.0)
         p = self.cfg.ppo
@@ -322,8 +323,6 @@ class PPO(Algorithm):
             self.early_stops += 1
         return {
             **self.rollout_metrics,
-            "critic_grad_norm": float(norm) if norm is not None else 0.0,
-            "critic_lr": self.critic_scheduler.get_last_lr()[0],
             "early_stops": self.early_stops,
             "rollouts": self.rollouts_done,
         }
@@ -339,28 +338,25 @@ class PPO(Algorithm):
         args = (self.eval_data, limit, self.cfg.ppo.max_new_tokens)
         return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args, accelerator)}
 
-    def save_final(self, model, path) -> None:
-        super().save_final(model, path)
-        save_critic(
-            self.accelerator.unwrap_model(self.critic), path.parent / "critic", self.tokenizer
-        )
+    def save_final(self, model, path, state_dicts) -> None:
+        super().save_final(model, path, state_dicts)
+        critic = self.accelerator.unwrap_model(self.critic)
+        # beside final/ (path is final/'s temporary directory until it is renamed)
+        out = Path(self.cfg.train.output_dir) / "critic"
+        save_critic(critic, out, self.tokenizer, state_dict=state_dicts.get("critic"))
 
     # ---- checkpointed state ---------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """KL controller, score statistics, counters, and every process's current rollout and
-        minibatch plan (gathered: Accelerate writes this dict from the main process only)."""
-        exhausted = self.rollout is None or self.cursor >= len(self.plan)
-        buffers = gather_buffers(
-            None if exhausted else self.rollout, self.plan, self.cursor, self.accelerator
-        )
+        """KL controller, score statistics, counters, and the unfinished global rollout with its
+        minibatch plan (the same on every process)."""
         return {
             "rollouts_done": self.rollouts_done,
             "early_stops": self.early_stops,
             "kl_ctl": self.kl_ctl.state_dict(),
             "moments": self.moments.state_dict(),
             "rollout_metrics": dict(self.rollout_metrics),
-            "buffers": buffers,
+            "rollout": rollout_state(self.rollout, self.plan, self.cursor),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -369,4 +365,10 @@ class PPO(Algorithm):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.moments.load_state_dict(state["moments"])
         self.rollout_metrics = dict(state["rollout_metrics"])
-        self.rollout, self.plan, self.cursor = restore_buffer(state["buffers"], self.accelerator)
+        self.rollout, self.plan, self.cursor = restore_rollout(
+            state["rollout"], self._global_minibatch(), self.accelerator
+        )
+
+    def _global_minibatch(self) -> int:
+        train = self.cfg.train
+        return train.batch_size * train.grad_accum * self.accelerator.num_processes

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import Tensor
 
 from posttrain.data.batches import TensorBatch
@@ -129,7 +128,9 @@ def chunked(fn, model, rollout: RolloutBatch, chunk: int, *extra) -> Tensor:
 
 def minibatch_plan(rows: int, size: int, epochs: int, seed: int, index: int) -> Tensor:
     """(epochs × rows / size, size) row indices, one minibatch per optimizer step: a fresh
-    permutation per epoch, seeded by the rollout index so a resumed run draws the same plan."""
+    permutation per epoch, seeded by the rollout index so a resumed run draws the same plan.
+    PPO draws it over the global rollout (all processes' rows) with the global minibatch size,
+    identically on every process, so 2 processes train on the same rows per step as 1."""
     generator = torch.Generator().manual_seed(seed * 100_003 + index)
     return torch.cat([torch.randperm(rows, generator=generator) for _ in range(epochs)]).view(
         -1, size
@@ -181,35 +182,58 @@ def estimate_advantages(
     return advantages, returns, metrics
 
 
-def gather_buffers(
-    rollout: PPOBatch | None, plan: Tensor, cursor: int, accelerator: Accelerator
-) -> list[dict | None]:
-    """Every process's unfinished rollout (rows, minibatch plan, position), indexed by rank, for
-    the algorithm's checkpointed state (Accelerate writes it from the main process only)."""
-    buffer = None
-    if rollout is not None:
-        buffer = {**rollout.to("cpu").tensors(), "plan": plan, "cursor": cursor}
-    return gather_object([buffer]) if accelerator.num_processes > 1 else [buffer]
+def gather_rollout(rollout: PPOBatch, accelerator: Accelerator) -> PPOBatch:
+    """Every process's rollout rows in rank order (prompts are shared out in contiguous
+    blocks, so this is the row order of one process sampling the whole rollout), padded to the
+    longest prompt (left) and completion (right) of any process."""
+    if accelerator.num_processes == 1:
+        return rollout
+    left = {"prompt_ids", "prompt_mask"}
+    gathered = {}
+    for name, tensor in rollout.tensors().items():
+        padded = accelerator.pad_across_processes(
+            tensor, dim=1, pad_index=0, pad_first=name in left
+        )
+        gathered[name] = accelerator.gather(padded)
+    return PPOBatch(**gathered)
 
 
-def restore_buffer(
-    buffers: list[dict | None], accelerator: Accelerator
+def local_rows(global_rows: Tensor, micro_batch: int, accelerator: Accelerator) -> list[Tensor]:
+    """This process's micro-batches of a step's global rows: micro-batch m of process r holds
+    rows [(m·world + r)·b, (m·world + r + 1)·b), as `local_micro_indices` for offline data."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    count = len(global_rows) // (micro_batch * world)
+    return [
+        global_rows[(m * world + rank) * micro_batch : (m * world + rank + 1) * micro_batch]
+        for m in range(count)
+    ]
+
+
+def rollout_state(rollout: PPOBatch | None, plan: Tensor, cursor: int) -> dict | None:
+    """The unfinished global rollout for the algorithm's checkpointed state (the same on every
+    process, so the main process's copy is all a resume needs)."""
+    if rollout is None or cursor >= len(plan):
+        return None
+    return {**rollout.to("cpu").tensors(), "plan": plan, "cursor": cursor}
+
+
+def restore_rollout(
+    state: dict | None, minibatch: int, accelerator: Accelerator
 ) -> tuple[PPOBatch | None, Tensor, int]:
-    """(rollout, plan, cursor) of this process from `gather_buffers`' list; no rollout (sample a
-    fresh one) when there was none or the number of processes changed."""
+    """(rollout, plan, cursor) from `rollout_state`; nothing (sample afresh) when there was no
+    unfinished rollout or the global minibatch changed with the number of processes."""
     nothing = (None, torch.zeros(0, 0, dtype=torch.long), 0)
-    if len(buffers) != accelerator.num_processes:
+    if state is None:
+        return nothing
+    state = dict(state)
+    plan, cursor = state.pop("plan"), state.pop("cursor")
+    if plan.shape[1] != minibatch:
         accelerator.print(
-            f"ppo: the checkpoint's rollout was made by {len(buffers)} processes, this run has "
-            f"{accelerator.num_processes}: sampling a fresh rollout"
+            f"ppo: the checkpoint's rollout was planned in minibatches of {plan.shape[1]} rows, "
+            f"this run uses {minibatch}: sampling a fresh rollout"
         )
         return nothing
-    buffer = buffers[accelerator.process_index]
-    if buffer is None:
-        return nothing
-    buffer = dict(buffer)
-    plan, cursor = buffer.pop("plan"), buffer.pop("cursor")
-    return PPOBatch(**buffer).to(accelerator.device), plan, cursor
+    return PPOBatch(**state).to(accelerator.device), plan, cursor
 
 
 def global_moments(

@@ -137,11 +137,13 @@ class RewardModel(OfflineAlgorithm):
             return {}
         model.eval()
         totals = torch.zeros(3, device=accelerator.device)  # loss sum, pairs, correct pairs
-        for batch in self.eval_batches(self.eval_data.examples, accelerator):
+        for batch, weight in self.eval_batches(self.eval_data.examples, accelerator):
             with accelerator.autocast():
                 chosen, rejected = self.rewards(model, batch)
             out = bradley_terry_loss(chosen, rejected)
-            totals += torch.stack([out.total, out.units, (chosen > rejected).float().sum()])
+            totals += weight * torch.stack(
+                [out.total, out.units, (chosen > rejected).float().sum()]
+            )
         totals = accelerator.reduce(totals, reduction="sum")
         model.train()
         pairs = max(float(totals[1]), 1.0)

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.loading import DataError, load_rows, require_columns
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
+from posttrain.models.sharding import shard_frozen
 from posttrain.rollout import RolloutBatch, sequence_logprobs
 from posttrain.scoring import RewardSpec, Scorer
 
@@ -147,9 +148,10 @@ def process_share(global_indices: list[int], accelerator: Accelerator) -> list[i
     return global_indices[rank * per : (rank + 1) * per]
 
 
-def load_reference(cfg_model, reference_path: str, policy, device) -> torch.nn.Module | None:
-    """A frozen reference, or None when the policy is a LoRA model (then the reference is the
-    same model with its adapter disabled: no second copy of the weights)."""
+def load_reference(cfg_model, reference_path: str, policy, accelerator) -> torch.nn.Module | None:
+    """A frozen reference placed like the policy (sharded under FSDP2/ZeRO-3), or None when the
+    policy is a LoRA model (then the reference is the same model with its adapter disabled: no
+    second copy of the weights)."""
     if is_peft_model(policy) and not reference_path:
         return None
     ref_cfg = (
@@ -162,7 +164,7 @@ def load_reference(cfg_model, reference_path: str, policy, device) -> torch.nn.M
             attn_implementation=cfg_model.attn_implementation,
         )
     )
-    return load_causal_lm(ref_cfg).to(device).eval().requires_grad_(False)
+    return shard_frozen(accelerator, load_causal_lm(ref_cfg))
 
 
 @torch.no_grad()

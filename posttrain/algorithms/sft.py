@@ -138,12 +138,17 @@ class SFT(OfflineAlgorithm):
         total = main.total + extra.total * main.units
         return LossOutput(total, main.units, _mtp_metrics(main, extra))
 
-    def save_final(self, model, path) -> None:
+    def save_final(self, model, path, state_dicts) -> None:
         if not isinstance(model, MTPCausalLM):
-            return super().save_final(model, path)
+            return super().save_final(model, path, state_dicts)
         # the heads go beside the checkpoint, so from_pretrained(path) sees a plain model
-        super().save_final(model.base, path)
-        save_heads(model.heads, self.cfg.model.mtp, path)
+        full = state_dicts.get("model")
+        base = heads = None
+        if full is not None:  # gathered from shards: split "base.*" / "heads.*"
+            base = {k[len("base.") :]: v for k, v in full.items() if k.startswith("base.")}
+            heads = {k[len("heads.") :]: v for k, v in full.items() if k.startswith("heads.")}
+        super().save_final(model.base, path, {"model": base})
+        save_heads(model.heads, self.cfg.model.mtp, path, state_dict=heads)
 
     @torch.no_grad()
     def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:
@@ -153,7 +158,7 @@ class SFT(OfflineAlgorithm):
         depth = self.cfg.model.mtp.depth if self.cfg.model.mtp.kind != "none" else 0
         # loss sum, units, correct tokens, then each head's accuracy weighted by units
         totals = torch.zeros(3 + depth, device=accelerator.device)
-        for batch in self.eval_batches(self.eval_data.examples, accelerator):
+        for batch, weight in self.eval_batches(self.eval_data.examples, accelerator):
             with accelerator.autocast():
                 if depth:
                     out, extra = mtp_losses(model, batch, self.cfg.model.mtp.weight)
@@ -161,7 +166,7 @@ class SFT(OfflineAlgorithm):
                 else:
                     out, heads = self.compute_loss(model, batch), []
             units = out.units.float()
-            totals += torch.stack(
+            totals += weight * torch.stack(
                 [out.total.float(), units, out.metrics["token_accuracy"].float() * units]
                 + [acc * units for acc in heads]
             )

@@ -256,9 +256,13 @@ def mtp_config_of(path: str | Path) -> MTPConfig | None:
     return MTPConfig(**{k: data[k] for k in ("kind", "depth", "weight") if k in data})
 
 
-def save_heads(heads: MTPHeads, mtp: MTPConfig, path: str | Path) -> None:
+def save_heads(
+    heads: MTPHeads, mtp: MTPConfig, path: str | Path, state_dict: dict | None = None
+) -> None:
+    """Write the heads (`state_dict`: their full weights when gathered from shards)."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    source = state_dict if state_dict is not None else heads.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     save_file(state, str(path / HEADS_FILE))
     (path / CONFIG_FILE).write_text(
         json.dumps({"kind": mtp.kind, "depth": mtp.depth, "weight": mtp.weight}, indent=1)

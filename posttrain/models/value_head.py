@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForTokenClassification
 
-from posttrain.config import ModelConfig, OptimConfig
+from posttrain.config import ModelConfig
 from posttrain.models.loading import _from_pretrained, apply_lora, check_model_path
 from posttrain.rollout.logprobs import position_ids_from_mask
-from posttrain.train.optim import build_optimizer, build_scheduler
 
 
 def load_critic(cfg_model: ModelConfig, path: str) -> torch.nn.Module:
@@ -55,19 +54,6 @@ def load_critic(cfg_model: ModelConfig, path: str) -> torch.nn.Module:
             lora = dataclasses.replace(lora, target_modules=sorted(names))
         critic = apply_lora(critic, lora, task_type="TOKEN_CLS")
     return critic
-
-
-def prepare_critic(
-    cfg_model: ModelConfig, path: str, optim: OptimConfig, total_steps: int, accelerator
-) -> tuple:
-    """(critic, optimizer, scheduler) prepared by `accelerator`: the critic from `path`, its own
-    AdamW with `optim`'s groups, lr and schedule (gradient checkpointing as the policy's)."""
-    critic = load_critic(cfg_model, path)
-    if cfg_model.gradient_checkpointing:
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(critic, optim, accelerator.device)
-    scheduler = build_scheduler(optimizer, optim, total_steps)
-    return tuple(accelerator.prepare(critic, optimizer, scheduler))
 
 
 def critic_values(
@@ -97,11 +83,12 @@ def critic_values(
     return values.masked_fill(~completion_mask.bool(), 0.0)
 
 
-def save_critic(critic, path, tokenizer=None) -> None:
+def save_critic(critic, path, tokenizer=None, state_dict: dict | None = None) -> None:
     """Write the critic as a plain Hugging Face token-classification model (a LoRA critic is
-    merged first; call this last, the merge modifies the model in place)."""
-    if hasattr(critic, "merge_and_unload"):
+    merged first; call this last, the merge modifies the model in place). `state_dict`: its
+    full weights when gathered from shards."""
+    if hasattr(critic, "merge_and_unload") and state_dict is None:
         critic = critic.merge_and_unload()
-    critic.save_pretrained(path, safe_serialization=True)
+    critic.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import DynamicCache
 
+from posttrain.models.sharding import full_parameters
 from posttrain.rollout.cache import preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep, position_ids_from_mask
 from posttrain.rollout.prefix_shared import SharedPrompt, supports_shared_prompt
@@ -161,7 +162,11 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            # A sharded policy (FSDP2/ZeRO-3) is gathered once, outside inference mode (FSDP2's
+            # unsharded parameters must stay ordinary tensors that training can update later);
+            # the decode loop then runs a different number of forwards on each rank with no
+            # collectives inside. A replicated model passes through untouched.
+            with full_parameters(self.model), torch.inference_mode():
                 chunks = []
                 for start in range(0, len(encoded), self.max_batch_prompts):
                     stop = start + self.max_batch_prompts

@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
 
 PREFIX = "step-"
-# Test hook: POSTTRAIN_FAULT_INJECT="sigkill_during_save:STEP" or "sigkill_after_save:STEP"
-# kills this process with SIGKILL at that point of the save of STEP. It is how the resume tests
+# Test hook: POSTTRAIN_FAULT_INJECT="sigkill_during_save:STEP", "sigkill_after_save:STEP" or
+# "sigkill_during_final:STEP" kills this process with SIGKILL at that point of the save of STEP. It is how the resume tests
 # reproduce a crash deterministically; unset, it costs one environment lookup per save.
 FAULT_ENV = "POSTTRAIN_FAULT_INJECT"
 COMPLETE_MARKER = "complete.json"
@@ -86,11 +87,47 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
     return json.loads((path / COMPLETE_MARKER).read_text())["step"]
 
 
+def save_final(
+    accelerator: Accelerator, output_dir: str | Path, step: int, write: Callable[[Path], None]
+) -> Path:
+    """`output_dir/final` written atomically: `write(tmp)` fills a temporary directory on the
+    main process, which then replaces any previous final/ by two renames (the old one is
+    parked as .old-final until the new one is in place). Every process must call this."""
+    out = Path(output_dir)
+    final, tmp, old = out / "final", out / ".tmp-final", out / ".old-final"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _maybe_fault("sigkill_during_final", step)
+        _fsync_dir(tmp)
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(out)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Remove what a killed save left behind; a final/ parked as .old-final while its
+    replacement was renamed in is put back if the replacement never arrived."""
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for p in root.glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
+    out = Path(output_dir)
+    shutil.rmtree(out / ".tmp-final", ignore_errors=True)
+    old = out / ".old-final"
+    if old.is_dir():
+        if (out / "final").exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, out / "final")
 
 
 def _prune(output_dir: str | Path, keep: int) -> None:

@@ -19,8 +19,16 @@ from rich.progress import (
 
 
 class MetricsLogger:
+    """One JSON line per logged step. `resume_step`: the run resumed from a checkpoint of that
+    step, so lines logged after it by the interrupted run are moved to metrics.dropped.jsonl
+    before appending: every step appears once in metrics.jsonl."""
+
     def __init__(
-        self, output_dir: str | Path, enabled: bool, tensorboard: bool = False, append: bool = False
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -29,7 +37,9 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w")
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        self._file = self.path.open("a" if resume_step is not None else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -59,6 +69,31 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Keep the lines of `path` with step <= `step`; move later (and unreadable, e.g. a line
+    cut by a kill) lines to `<name>.dropped.jsonl`. Returns how many lines moved. Written to a
+    temporary file and renamed, so a kill here leaves either the old or the new file."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        (kept if keep else dropped).append(line)
+    if not dropped:
+        return 0
+    with path.with_suffix(".dropped.jsonl").open("a") as f:
+        f.write("".join(line + "\n" for line in dropped))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return len(dropped)
 
 
 class ProgressBar:

@@ -7,9 +7,15 @@ Per optimizer step:
    and accumulation steps (spec section 1; OpenRLHF/TRL `num_items_in_batch`);
 3. each micro-batch's summed loss is scaled by world_size / global_units (DDP averages
    gradients over processes) and back-propagated, with gradient sync only on the last one;
-4. gradients are clipped by global norm; a non-finite norm skips the update and is counted
-   (with fp16 the GradScaler does this and lowers the scale);
-5. AdamW steps, the schedule steps, metrics go to metrics.jsonl, checkpoints are atomic.
+4. gradients are clipped by global norm, per trained model; a non-finite norm in any of them
+   skips the update of all and is counted (with fp16 the GradScaler does this and lowers the
+   scale; its skipped steps are counted too);
+5. each model's AdamW and schedule step, metrics go to metrics.jsonl, checkpoints are atomic.
+
+The loop owns every optimizer: the policy's, and those of the extra models an algorithm
+registers (PPO's critic), so clipping, skipping, precision, sharding and checkpoints treat them
+alike. Sharding (FSDP2, DeepSpeed ZeRO) is Accelerate's, chosen in train/distributed.py; under
+it the final save gathers full state dicts on every rank before rank 0 writes `final/`.
 
 Mixture-of-experts models get their router losses, load metrics and aux-free balancing here, for
 every algorithm alike (posttrain/models/moe.py); dense models skip all of it.
@@ -26,14 +32,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
-from posttrain.algorithms.base import Algorithm
-from posttrain.config import BaseRecipe, ConfigError, save_config
+from posttrain.algorithms.base import Algorithm, Trainable
+from posttrain.config import BaseRecipe, save_config
 from posttrain.models.moe import MoEObjective
+from posttrain.models.sharding import full_parameter_bytes, local_parameter_bytes
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.distributed import make_accelerator, sharding_of
 from posttrain.train.logging import MetricsLogger, ProgressBar
 from posttrain.train.optim import build_optimizer, build_scheduler
+
+__all__ = ["make_accelerator", "train", "accumulate_gradients", "TrainResult"]
 
 
 @dataclass
@@ -73,21 +83,6 @@ class TrainResult:
     seconds: float
 
 
-def make_accelerator(cfg: BaseRecipe) -> Accelerator:
-    precision = cfg.train.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 loss scaling is a GPU path); "
-            "on CPU use 'bf16' or 'no'"
-        )
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    # Accelerate only sets up a gloo process group for torchrun-launched CPU processes when told
-    # it runs on CPU; on GPUs it picks NCCL by itself.
-    on_cpu = not torch.cuda.is_available()
-    return Accelerator(mixed_precision=precision, cpu=on_cpu, step_scheduler_with_optimizer=False)
-
-
 def train(
     cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
 ) -> TrainResult:
@@ -102,15 +97,15 @@ def train(
     accelerator.wait_for_everyone()
 
     model = algorithm.setup(accelerator)
+    trained = [Trainable("model", model, cfg.optim), *algorithm.extra_trainables()]
     # None for dense models. Built before `prepare` so its hooks sit on the unwrapped modules.
-    moe = MoEObjective.build([model, *algorithm.extra_trained_models()], cfg.model.moe)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    moe = MoEObjective.build([t.module for t in trained], cfg.model.moe)
+    prepare_trainables(accelerator, trained, cfg)
+    model = trained[0].module
     state = LoopState()
-    accelerator.register_for_checkpointing(scheduler, state, _AlgorithmState(algorithm))
+    accelerator.register_for_checkpointing(
+        *[t.scheduler for t in trained], state, _AlgorithmState(algorithm)
+    )
     if moe is not None and moe.bias is not None:
         accelerator.register_for_checkpointing(moe)
 
@@ -123,11 +118,15 @@ def train(
     if main and resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
-    logger = MetricsLogger(out, main, cfg.logging.tensorboard, append=resumed_from is not None)
+    logger = MetricsLogger(
+        out,
+        main,
+        cfg.logging.tensorboard,
+        resume_step=state.step if resumed_from is not None else None,
+    )
     bar = ProgressBar(
         cfg.train.max_steps, algorithm.name, main and cfg.logging.progress, state.step
     )
-    params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     window = _MetricWindow()
     last_metrics: dict = {}
@@ -137,20 +136,34 @@ def train(
     while state.step < cfg.train.max_steps:
         step = state.step
         batches = algorithm.micro_batches(step, accelerator, model)
-        model.train()
-        global_units = accumulate_gradients(accelerator, model, algorithm, batches, window, moe)
+        for t in trained:
+            t.module.train()
+        modules = [t.module for t in trained]
+        global_units = accumulate_gradients(accelerator, modules, algorithm, batches, window, moe)
 
-        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-        finite = bool(torch.isfinite(grad_norm)) if grad_norm is not None else True
+        norms = {t.name: _clip(accelerator, t, max_norm) for t in trained}
+        finite = all(n is None or bool(torch.isfinite(n)) for n in norms.values())
         if finite or cfg.train.mixed_precision == "fp16":
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
+            for t in trained:
+                t.optimizer.step()
+            # fp16: the GradScaler skipped a non-finite step itself (and lowered its scale)
+            if accelerator.optimizer_step_was_skipped:
+                state.nonfinite_steps += 1
+            else:
+                for t in trained:
+                    t.scheduler.step()
         else:
             state.nonfinite_steps += 1
-        optimizer.zero_grad(set_to_none=True)
+        for t in trained:
+            t.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        window.add_step(global_units, grad_norm)
+        window.add_step(global_units, norms.get("model"))
+        for name, norm in norms.items():
+            if name != "model" and norm is not None:
+                window.extra[f"{name}_grad_norm"] = float(norm)
+                window.extra[f"{name}_lr"] = trained_by_name(trained, name).scheduler.get_last_lr()[
+                    0
+                ]
         extra = algorithm.on_step_end(model, state.step, accelerator)
         window.extra.update(extra or {})
         if moe is not None:
@@ -161,7 +174,7 @@ def train(
             metrics = window.summarise(accelerator, time.perf_counter() - t_window)
             state.tokens_seen += int(metrics.get("tokens", 0))
             metrics.update(
-                lr=scheduler.get_last_lr()[0],
+                lr=trained[0].scheduler.get_last_lr()[0],
                 epoch=_epoch(algorithm, state.step),
                 nonfinite_steps=state.nonfinite_steps,
                 tokens_seen=state.tokens_seen,
@@ -191,56 +204,136 @@ def train(
 
     bar.close()
     logger.close()
-    final = out / "final"
-    accelerator.wait_for_everyone()
+    final = save_final(accelerator, cfg, algorithm, trained, moe, state.step)
+    summary = {
+        "steps": state.step,
+        "nonfinite_steps": state.nonfinite_steps,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        **parameter_summary(accelerator, trained),
+        "seconds": time.perf_counter() - started,
+        **_jsonable(last_metrics),
+    }
     if main:
-        final.mkdir(parents=True, exist_ok=True)
-        algorithm.save_final(accelerator.unwrap_model(model), final)
-        if moe is not None:
-            moe.save(final)
-        save_config(cfg, final / "posttrain_config.yaml")
-        (out / "train_summary.json").write_text(
-            json.dumps(
-                {
-                    "steps": state.step,
-                    "nonfinite_steps": state.nonfinite_steps,
-                    "num_processes": accelerator.num_processes,
-                    "distributed_type": str(accelerator.distributed_type),
-                    "seconds": time.perf_counter() - started,
-                    **_jsonable(last_metrics),
-                },
-                indent=1,
-            )
-        )
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     if moe is not None:
         moe.close()
     return TrainResult(out, final, state.step, last_metrics, time.perf_counter() - started)
 
 
+def prepare_trainables(accelerator: Accelerator, trained: list[Trainable], cfg: BaseRecipe) -> None:
+    """Give each trained model its AdamW and schedule and prepare the pair with Accelerate
+    (FSDP2 shards model and optimizer state together, so they are prepared in one call)."""
+    for t in trained:
+        if cfg.model.gradient_checkpointing and hasattr(t.module, "gradient_checkpointing_enable"):
+            t.module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        t.optimizer = build_optimizer(t.module, t.optim, accelerator.device)
+        t.scheduler = build_scheduler(t.optimizer, t.optim, cfg.train.max_steps)
+        t.module, t.optimizer = accelerator.prepare(t.module, t.optimizer)
+
+
+def trained_by_name(trained: list[Trainable], name: str) -> Trainable:
+    return next(t for t in trained if t.name == name)
+
+
+def _clip(accelerator: Accelerator, t: Trainable, max_norm: float):
+    params = [p for p in t.module.parameters() if p.requires_grad]
+    norm = accelerator.clip_grad_norm_(params, max_norm)
+    if norm is not None and hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return norm
+
+
+def save_final(
+    accelerator: Accelerator,
+    cfg: BaseRecipe,
+    algorithm: Algorithm,
+    trained: list[Trainable],
+    moe: MoEObjective | None,
+    step: int,
+) -> Path:
+    """`final/` as a plain Hugging Face checkpoint, written atomically. Sharded models are
+    gathered into full state dicts first, a collective every rank joins."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dicts = {
+        t.name: accelerator.get_state_dict(t.module) if sharded else None for t in trained
+    }
+    policy = accelerator.unwrap_model(trained[0].module)
+    if state_dicts["model"] is not None:
+        state_dicts["model"] = without_tied_duplicates(policy, state_dicts["model"])
+
+    def write(path: Path) -> None:
+        algorithm.save_final(policy, path, state_dicts)
+        if moe is not None:
+            moe.save(path)
+        save_config(cfg, path / "posttrain_config.yaml")
+
+    return ckpt.save_final(accelerator, cfg.train.output_dir, step, write)
+
+
+def without_tied_duplicates(model: torch.nn.Module, state_dict: dict) -> dict:
+    """Drop the second name of a tied parameter (lm_head sharing the embedding) from a gathered
+    state dict, as save_pretrained does from a live model: the checkpoint then matches one saved
+    without sharding."""
+    seen: dict[int, str] = {}
+    drop = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            drop.add(name)
+        else:
+            seen[id(param)] = name
+    return {k: v for k, v in state_dict.items() if k not in drop}
+
+
+def parameter_summary(accelerator: Accelerator, trained: list[Trainable]) -> dict:
+    """What runs and how much parameter memory each rank really holds (largest over ranks)."""
+    local = sum(local_parameter_bytes(t.module) for t in trained)
+    per_rank = torch.tensor([float(local)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        per_rank = accelerator.gather(per_rank)
+    return {
+        "sharding": sharding_of(accelerator),
+        "param_bytes_per_rank": int(per_rank.max()),
+        "param_bytes_total": sum(full_parameter_bytes(t.module) for t in trained),
+    }
+
+
 def accumulate_gradients(
     accelerator: Accelerator,
-    model,
+    models,
     algorithm: Algorithm,
     batches: list,
     window: _MetricWindow | None = None,
     moe: MoEObjective | None = None,
 ) -> torch.Tensor:
     """Back-propagate this process's micro-batches so that the summed gradient equals that of
-    one batch made of every micro-batch on every process; returns the global unit count."""
+    one batch made of every micro-batch on every process; returns the global unit count.
+    `models`: the trained module(s), whose gradients sync on the last micro-batch only."""
+    models = models if isinstance(models, (list, tuple)) else [models]
     local_units = float(sum(algorithm.num_units(b) for b in batches))
     global_units = accelerator.reduce(
         torch.tensor(local_units, device=accelerator.device), reduction="sum"
     )
-    # DDP averages gradients over processes, hence the world-size factor.
+    # DDP/FSDP average gradients over processes, hence the world-size factor.
     scale = accelerator.num_processes / global_units.clamp(min=1.0)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # DeepSpeed divides each backward by its accumulation steps: undo it
+        scale = scale * accelerator.state.deepspeed_plugin.gradient_accumulation_steps
     for i, batch in enumerate(batches):
         batch = batch.to(accelerator.device)
         sync = i == len(batches) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with contextlib.ExitStack() as no_sync:
+            if deepspeed:  # the engine steps on the boundary we mark, whatever the count
+                accelerator.gradient_state._set_sync_gradients(sync)
+            elif not sync:
+                for m in models:
+                    no_sync.enter_context(accelerator.no_sync(m))
             with accelerator.autocast():
                 with moe.capture() if moe is not None else contextlib.nullcontext():
-                    output = algorithm.compute_loss(model, batch)
+                    output = algorithm.compute_loss(models[0], batch)
                 if moe is not None:  # router losses, weighted like this micro-batch's units
                     output = moe.add_to_loss(output, float(algorithm.num_units(batch)))
             accelerator.backward(output.total * scale)
