@@ -274,7 +274,10 @@ def test_whiten_and_running_moments():
     torch.testing.assert_close(whiten(x, mask, Accelerator(cpu=True)), masked_whiten(x, mask))
     # float64 batches: the check is the merge formula, not float32 rounding of Σx²
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(4, generator=g).double() * 3 + 1, torch.randn(7, generator=g).double() - 2]
+    batches = [
+        torch.randn(4, generator=g).double() * 3 + 1,
+        torch.randn(7, generator=g).double() - 2,
+    ]
     moments = RunningMoments()
     for b in batches:
         moments.update(float(b.sum()), float((b**2).sum()), b.numel())

@@ -51,9 +51,10 @@ def assert_final_matches(one, two, atol=1e-4):
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=0, msg=k)
     # the same files as an unsharded save (no extra tied copies)
-    assert load_file(one / "final" / "model.safetensors").keys() == load_file(
-        two / "final" / "model.safetensors"
-    ).keys()
+    assert (
+        load_file(one / "final" / "model.safetensors").keys()
+        == load_file(two / "final" / "model.safetensors").keys()
+    )
 
 
 def test_fsdp2_sft_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_path):
@@ -149,9 +150,7 @@ def test_fsdp2_grpo_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_p
     assert_final_matches(one, two)
 
 
-def test_ppo_two_processes_match_one_with_two_minibatches(
-    tiny_model_dir, arithmetic_dir, tmp_path
-):
+def test_ppo_two_processes_match_one_with_two_minibatches(tiny_model_dir, arithmetic_dir, tmp_path):
     """Acceptance 3 (PPO parity) and 1 (PPO under FSDP2, critic sharded too): a rollout of 8
     rows in 2 minibatches of 4, 2 epochs; 2 processes (DDP and FSDP2) take the same steps."""
     (tmp_path / "spread_reward.py").write_text(SPREAD_REWARD)
@@ -364,3 +363,35 @@ def test_accelerate_launch_with_shipped_config_on_cpu(
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     s = summary(out)
     assert s["sharding"] == sharding and s["num_processes"] == 2, s
+
+
+def test_fsdp2_with_gradient_checkpointing_and_offload_keys(
+    tiny_model_dir, arithmetic_dir, tmp_path
+):
+    """model.gradient_checkpointing and train.cpu_offload compose with FSDP2 (on CPU the
+    offload steps aside with a notice: the shards are in CPU memory already)."""
+    common = {"train.max_steps": 3, "optim.lr": 3e-3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_cli(
+        "sft",
+        "recipes/sft_tiny.yaml",
+        *sft_overrides(tiny_model_dir, arithmetic_dir, one, **common, **{"train.batch_size": 8}),
+    )
+    assert single.returncode == 0, single.stderr
+    args = sft_overrides(
+        tiny_model_dir,
+        arithmetic_dir,
+        two,
+        **common,
+        **{
+            "train.batch_size": 4,
+            "train.sharding": "fsdp2",
+            "train.cpu_offload": "true",
+            "model.gradient_checkpointing": "true",
+        },
+    )
+    sharded = run_torchrun("sft", "recipes/sft_tiny.yaml", *args)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "shards are in CPU memory already" in sharded.stdout + sharded.stderr
+    assert_sharded(two)
+    assert_same_curves(one, two)

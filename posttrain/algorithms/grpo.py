@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
@@ -41,6 +41,9 @@ from posttrain.losses.grpo import group_advantages, grpo_policy_loss
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
+
+# Engines whose forward passes are collectives (every process must run the same number).
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 @dataclass
@@ -100,6 +103,14 @@ class GRPO(Algorithm):
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg, g = self.cfg, self.cfg.grpo
         self._validate(accelerator)
+        if g.dynamic_sampling and accelerator.distributed_type in SHARDED:
+            # Each process refills its own groups for as many rounds as it needs, but every
+            # forward of a sharded model is a collective that all processes must join.
+            raise ConfigError(
+                "grpo.dynamic_sampling=true is not supported with sharded training "
+                f"({accelerator.distributed_type}): processes would run different numbers of "
+                "forwards; use train.sharding=none (DDP) or turn dynamic sampling off"
+            )
         self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg)
         functions = list(g.rewards)
         if g.loss_type == "kimi" and g.length_penalty_weight > 0:

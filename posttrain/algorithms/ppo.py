@@ -47,6 +47,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from posttrain.algorithms.base import Algorithm, StepSampler, Trainable
 from posttrain.algorithms.ppo_rollout import (
@@ -202,6 +203,11 @@ class PPO(Algorithm):
         cfg, p, world = self.cfg, self.cfg.ppo, accelerator.num_processes
         rows = p.prompts_per_rollout // world * p.samples_per_prompt  # per process
         minibatch = cfg.train.batch_size * cfg.train.grad_accum
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "ppo trains two models (policy and critic) and Accelerate drives one DeepSpeed "
+                "engine per run: use train.sharding=fsdp2 for sharded PPO"
+            )
         if cfg.train.mixed_precision == "fp16":
             raise ConfigError(
                 "ppo does not support train.mixed_precision=fp16 (one GradScaler would unscale "

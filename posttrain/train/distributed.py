@@ -97,7 +97,7 @@ def check_process_count() -> None:
         )
 
 
-def fsdp2_plugin(cfg: BaseRecipe) -> FullyShardedDataParallelPlugin:
+def fsdp2_plugin(cfg: BaseRecipe, offload: bool | None) -> FullyShardedDataParallelPlugin:
     """FSDP2 over every transformer block (the model's `_no_split_modules`), sharded state dicts
     in checkpoints (torch distributed checkpoint: each rank writes its shards), full state dict
     gathered for `final/`. Activation checkpointing stays with transformers'
@@ -108,7 +108,7 @@ def fsdp2_plugin(cfg: BaseRecipe) -> FullyShardedDataParallelPlugin:
         auto_wrap_policy="transformer_based_wrap",
         state_dict_type="SHARDED_STATE_DICT",
         # None: the launcher config's FSDP_OFFLOAD_PARAMS / FSDP_ACTIVATION_CHECKPOINTING decide.
-        cpu_offload=True if cfg.train.cpu_offload else None,
+        cpu_offload=offload,
         # transformers' own checkpointing when the recipe asks for it, never both at once.
         activation_checkpointing=False if cfg.model.gradient_checkpointing else None,
         cpu_ram_efficient_loading=False,
@@ -177,10 +177,17 @@ def make_accelerator(cfg: BaseRecipe) -> Accelerator:
                 "or accelerate launch --config_file recipes/accelerate/fsdp2.yaml); this is one "
                 "process with no process group"
             )
-        plugin = fsdp2_plugin(cfg)
         if not on_cpu:
-            return Accelerator(fsdp_plugin=plugin, **common)
+            offload = True if cfg.train.cpu_offload else None
+            return Accelerator(fsdp_plugin=fsdp2_plugin(cfg, offload), **common)
+        # Training on CPU, the shards already live in CPU memory: offloading is a no-op there
+        # (and FSDP2's offload path pins memory, which needs a GPU).
+        plugin = fsdp2_plugin(cfg, offload=False)
         accelerator = Accelerator(cpu=True, **common)
+        if cfg.train.cpu_offload or _env_true("FSDP_OFFLOAD_PARAMS"):
+            accelerator.print(
+                "train.cpu_offload: training on CPU, shards are in CPU memory already"
+            )
         _enable_fsdp_on_cpu(accelerator, plugin, precision)
         return accelerator
     if _env_true("ACCELERATE_USE_FSDP") or _env_true("ACCELERATE_USE_DEEPSPEED"):

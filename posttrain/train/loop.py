@@ -37,10 +37,11 @@ from accelerate.utils import DistributedType, set_seed
 from posttrain.algorithms.base import Algorithm, Trainable
 from posttrain.config import BaseRecipe, save_config
 from posttrain.models.moe import MoEObjective
-from posttrain.models.sharding import full_parameter_bytes, local_parameter_bytes
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import make_accelerator, sharding_of
+from posttrain.train.distributed import make_accelerator
+from posttrain.train.final import save_final
 from posttrain.train.logging import MetricsLogger, ProgressBar
+from posttrain.train.memory import gradient_bytes, parameter_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
 
 __all__ = ["make_accelerator", "train", "accumulate_gradients", "TrainResult"]
@@ -129,6 +130,7 @@ def train(
     )
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
     window = _MetricWindow()
+    grad_bytes = None
     last_metrics: dict = {}
     started = time.perf_counter()
     t_window = time.perf_counter()
@@ -154,6 +156,8 @@ def train(
                     t.scheduler.step()
         else:
             state.nonfinite_steps += 1
+        if grad_bytes is None:  # measured once, for train_summary.json
+            grad_bytes = sum(gradient_bytes(t.module) for t in trained)
         for t in trained:
             t.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -210,7 +214,7 @@ def train(
         "nonfinite_steps": state.nonfinite_steps,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
-        **parameter_summary(accelerator, trained),
+        **parameter_summary(accelerator, trained, grad_bytes or 0),
         "seconds": time.perf_counter() - started,
         **_jsonable(last_metrics),
     }
@@ -245,60 +249,6 @@ def _clip(accelerator: Accelerator, t: Trainable, max_norm: float):
     if norm is not None and hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
     return norm
-
-
-def save_final(
-    accelerator: Accelerator,
-    cfg: BaseRecipe,
-    algorithm: Algorithm,
-    trained: list[Trainable],
-    moe: MoEObjective | None,
-    step: int,
-) -> Path:
-    """`final/` as a plain Hugging Face checkpoint, written atomically. Sharded models are
-    gathered into full state dicts first, a collective every rank joins."""
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    state_dicts = {
-        t.name: accelerator.get_state_dict(t.module) if sharded else None for t in trained
-    }
-    policy = accelerator.unwrap_model(trained[0].module)
-    if state_dicts["model"] is not None:
-        state_dicts["model"] = without_tied_duplicates(policy, state_dicts["model"])
-
-    def write(path: Path) -> None:
-        algorithm.save_final(policy, path, state_dicts)
-        if moe is not None:
-            moe.save(path)
-        save_config(cfg, path / "posttrain_config.yaml")
-
-    return ckpt.save_final(accelerator, cfg.train.output_dir, step, write)
-
-
-def without_tied_duplicates(model: torch.nn.Module, state_dict: dict) -> dict:
-    """Drop the second name of a tied parameter (lm_head sharing the embedding) from a gathered
-    state dict, as save_pretrained does from a live model: the checkpoint then matches one saved
-    without sharding."""
-    seen: dict[int, str] = {}
-    drop = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            drop.add(name)
-        else:
-            seen[id(param)] = name
-    return {k: v for k, v in state_dict.items() if k not in drop}
-
-
-def parameter_summary(accelerator: Accelerator, trained: list[Trainable]) -> dict:
-    """What runs and how much parameter memory each rank really holds (largest over ranks)."""
-    local = sum(local_parameter_bytes(t.module) for t in trained)
-    per_rank = torch.tensor([float(local)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        per_rank = accelerator.gather(per_rank)
-    return {
-        "sharding": sharding_of(accelerator),
-        "param_bytes_per_rank": int(per_rank.max()),
-        "param_bytes_total": sum(full_parameter_bytes(t.module) for t in trained),
-    }
 
 
 def accumulate_gradients(
