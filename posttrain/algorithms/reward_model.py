@@ -24,7 +24,7 @@ from posttrain.data.preference_packing import (
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
-from posttrain.rollout.logprobs import unwrap_model
+from posttrain.utils import unwrap_model
 
 
 @dataclass

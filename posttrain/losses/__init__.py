@@ -36,7 +36,14 @@ from posttrain.losses.moe import (
     router_entropy,
     router_z_loss,
 )
-from posttrain.losses.mtp import greedy_accept, mtp_labels, mtp_loss, speculative_accept
+from posttrain.losses.mtp import (
+    greedy_accept,
+    greedy_accept_rows,
+    mtp_labels,
+    mtp_loss,
+    speculative_accept,
+    speculative_accept_rows,
+)
 from posttrain.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -63,6 +70,7 @@ __all__ = [
     "expert_load",
     "gae",
     "greedy_accept",
+    "greedy_accept_rows",
     "group_advantages",
     "grpo_policy_loss",
     "hinge_loss",
@@ -89,4 +97,5 @@ __all__ = [
     "sigmoid_loss",
     "simpo_loss",
     "speculative_accept",
+    "speculative_accept_rows",
 ]
