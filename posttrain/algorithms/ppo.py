@@ -47,18 +47,19 @@ from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.ppo_rollout import (
     PPOBatch,
     RunningMoments,
-    chunked,
     estimate_advantages,
     gather_buffers,
-    generate_and_score,
     global_moments,
-    greedy_accuracy,
     minibatch_plan,
+    prepare_critic,
     restore_buffer,
 )
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
     build_scorer,
+    chunked,
+    generate_and_score,
+    greedy_accuracy,
     load_policy_and_prompts,
     load_reference,
     process_share,
@@ -74,7 +75,7 @@ from posttrain.losses.ppo import (
     ppo_value_loss,
 )
 from posttrain.losses.types import LossOutput
-from posttrain.models.value_head import critic_values, prepare_critic, save_critic
+from posttrain.models.value_head import critic_values, save_critic
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
 

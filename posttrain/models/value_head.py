@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForTokenClassification
 
-from posttrain.config import ModelConfig, OptimConfig
+from posttrain.config import ModelConfig
 from posttrain.models.loading import _from_pretrained, apply_lora, check_model_path
-from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.utils import position_ids_from_mask
 
 
@@ -55,19 +54,6 @@ def load_critic(cfg_model: ModelConfig, path: str) -> torch.nn.Module:
             lora = dataclasses.replace(lora, target_modules=sorted(names))
         critic = apply_lora(critic, lora, task_type="TOKEN_CLS")
     return critic
-
-
-def prepare_critic(
-    cfg_model: ModelConfig, path: str, optim: OptimConfig, total_steps: int, accelerator
-) -> tuple:
-    """(critic, optimizer, scheduler) prepared by `accelerator`: the critic from `path`, its own
-    AdamW with `optim`'s groups, lr and schedule (gradient checkpointing as the policy's)."""
-    critic = load_critic(cfg_model, path)
-    if cfg_model.gradient_checkpointing:
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(critic, optim, accelerator.device)
-    scheduler = build_scheduler(optimizer, optim, total_steps)
-    return tuple(accelerator.prepare(critic, optimizer, scheduler))
 
 
 def critic_values(
