@@ -10,12 +10,13 @@ from accelerate import Accelerator
 from cli_helpers import REPO, run_cli
 
 from posttrain.algorithms.grpo import GRPO, GRPORecipe
+from posttrain.algorithms.kimi import Kimi, KimiRecipe
 from posttrain.config import ConfigError, load_recipe
 from posttrain.losses.grpo import k3_kl
 from posttrain.rollout import sequence_logprobs
 
 
-def rl_overrides(model_dir, data_dir, out, **extra):
+def rl_overrides(model_dir, data_dir, out, section="grpo", **extra):
     values = {
         "model.name_or_path": model_dir,
         "data.train_path": data_dir / "rl_train.jsonl",
@@ -25,9 +26,9 @@ def rl_overrides(model_dir, data_dir, out, **extra):
         "train.max_steps": 2,
         "train.batch_size": 16,
         "train.eval_every": 0,
-        "grpo.prompts_per_step": 4,
-        "grpo.num_generations": 4,
-        "grpo.max_new_tokens": 6,
+        f"{section}.prompts_per_step": 4,
+        f"{section}.num_generations": 4,
+        f"{section}.max_new_tokens": 6,
         "logging.log_every": 1,
         "logging.progress": False,
         **extra,
@@ -36,10 +37,14 @@ def rl_overrides(model_dir, data_dir, out, **extra):
 
 
 def build(model_dir, data_dir, out, recipe="grpo_tiny.yaml", **extra):
+    recipe_cls, algo_cls = (KimiRecipe, Kimi) if recipe.startswith("kimi") else (GRPORecipe, GRPO)
+    section = "kimi" if recipe.startswith("kimi") else "grpo"
     cfg = load_recipe(
-        GRPORecipe, REPO / "recipes" / recipe, rl_overrides(model_dir, data_dir, out, **extra)
+        recipe_cls,
+        REPO / "recipes" / recipe,
+        rl_overrides(model_dir, data_dir, out, section, **extra),
     )
-    algo = GRPO(cfg)
+    algo = algo_cls(cfg)
     accelerator = Accelerator(cpu=True)
     model = algo.setup(accelerator)
     return algo, accelerator, model
@@ -136,12 +141,14 @@ def length_reward(tmp_path, monkeypatch) -> str:
 def test_each_loss_type_trains_a_step(
     tiny_model_dir, arithmetic_dir, tmp_path, monkeypatch, loss_type
 ):
-    extra = {"grpo.loss_type": loss_type, "grpo.rewards": length_reward(tmp_path, monkeypatch)}
+    rewards = length_reward(tmp_path, monkeypatch)
+    extra = {"grpo.loss_type": loss_type, "grpo.rewards": rewards}
     if loss_type == "dapo":
-        extra.update({"grpo.dynamic_sampling": True, "grpo.epsilon_high": 0.28})
+        extra.update({"dapo.dynamic_sampling": True, "grpo.epsilon_high": 0.28})
+    recipe = "grpo_tiny.yaml"
     if loss_type == "kimi":
-        extra.update({"grpo.prioritized_sampling": True})
-    algo, acc, model = build(tiny_model_dir, arithmetic_dir, tmp_path, **extra)
+        recipe, extra = "kimi_tiny.yaml", {"kimi.rewards": rewards, "kimi.length_penalty_weight": 0}
+    algo, acc, model = build(tiny_model_dir, arithmetic_dir, tmp_path, recipe, **extra)
     batches = algo.micro_batches(0, acc, model)
     assert sum(b.num_sequences for b in batches) <= 16
     batch = batches[0]
@@ -163,7 +170,7 @@ def test_each_loss_type_trains_a_step(
             batch.prompt_mask,
             batch.completion_ids,
             batch.completion_mask,
-            algo.cfg.grpo.temperature,
+            algo.settings.temperature,
         )
     frozen = dataclasses.replace(batch, old_logprobs=before)
     with torch.no_grad():
@@ -201,8 +208,8 @@ def test_kl_is_measured_against_a_frozen_reference(
     reloaded = type(model).from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         kl = float(algo.compute_loss(model, batch).metrics["kl"])
-        policy = sequence_logprobs(model, *args, algo.cfg.grpo.temperature)
-        reference = sequence_logprobs(reloaded, *args, algo.cfg.grpo.temperature)
+        policy = sequence_logprobs(model, *args, algo.settings.temperature)
+        reference = sequence_logprobs(reloaded, *args, algo.settings.temperature)
     mask = batch.completion_mask.bool()
     expected = float(k3_kl(policy, reference)[mask].mean())
     assert expected > 1e-3
@@ -219,13 +226,8 @@ def test_rollout_reused_for_num_iterations(tiny_model_dir, arithmetic_dir, tmp_p
 
 
 def test_kimi_needs_whole_groups_per_micro_batch(tiny_model_dir, arithmetic_dir, tmp_path):
-    with pytest.raises(ConfigError, match="multiple of grpo.num_generations"):
-        build(
-            tiny_model_dir,
-            arithmetic_dir,
-            tmp_path,
-            **{"grpo.loss_type": "kimi", "train.batch_size": 6},
-        )
+    with pytest.raises(ConfigError, match="multiple of kimi.num_generations"):
+        build(tiny_model_dir, arithmetic_dir, tmp_path, "kimi_tiny.yaml", **{"train.batch_size": 6})
 
 
 def test_same_seed_same_rollout(tiny_model_dir, arithmetic_dir, tmp_path):

@@ -78,7 +78,7 @@ TRAINERS = {
     "rm": ("rm_tiny.yaml", "preference", {}),
     "dpo": ("dpo_tiny.yaml", "preference", {}),
     "grpo": ("grpo_tiny.yaml", "rl", ONLINE),
-    "kimi": ("kimi_tiny.yaml", "rl", ONLINE),
+    "kimi": ("kimi_tiny.yaml", "rl", {k.replace("grpo.", "kimi."): v for k, v in ONLINE.items()}),
     "ppo": ("ppo_tiny.yaml", "rl", {**PPO, "ppo.max_approx_kl": 0.0}),
 }
 

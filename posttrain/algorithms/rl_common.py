@@ -166,14 +166,30 @@ def load_reference(cfg_model, reference_path: str, policy, device) -> torch.nn.M
     return load_causal_lm(ref_cfg).to(device).eval().requires_grad_(False)
 
 
-def generate_and_score(policy, tokenizer, data, scorer, indices: list[int], params: SamplingParams):
+def generate_and_score(
+    policy,
+    tokenizer,
+    data,
+    scorer,
+    indices: list[int],
+    params: SamplingParams,
+    max_prompt_tokens: int | None = None,
+):
     """(rollout, scores, engine stats): `params.n` samples of each prompt of `data` at `indices`
     from the shared RolloutEngine (one seed per prompt, so sharding over processes changes no
-    sample), scored by the shared Scorer with the data's other columns."""
+    sample), scored by the shared Scorer with the data's other columns.
+
+    max_prompt_tokens: longer prompts keep their LAST tokens (the question and the generation
+    prompt); stats["prompts_truncated"] is the fraction that were cut."""
     engine = RolloutEngine(policy, tokenizer)
     prompts = [data.prompts[i] for i in indices]
     seeds = [params.seed * 1_000_003 + i for i in indices]
-    rollout = engine.generate(prompts, params, prompt_seeds=seeds)
+    inputs, truncated = prompts, 0
+    if max_prompt_tokens is not None:
+        encoded = [engine.encode(p) for p in prompts]
+        truncated = sum(len(ids) > max_prompt_tokens for ids in encoded)
+        inputs = [ids[-max_prompt_tokens:] for ids in encoded]
+    rollout = engine.generate(inputs, params, prompt_seeds=seeds)
     scored = scorer(
         [prompt for prompt in prompts for _ in range(params.n)],
         rollout.texts,
@@ -181,7 +197,7 @@ def generate_and_score(policy, tokenizer, data, scorer, indices: list[int], para
         truncated=rollout.truncated.tolist(),
         **data.columns_for(indices, params.n),
     )
-    return rollout, scored, engine.last_stats
+    return rollout, scored, {**engine.last_stats, "prompts_truncated": truncated / len(prompts)}
 
 
 @torch.no_grad()
@@ -204,7 +220,15 @@ def chunked(fn, model, rollout: RolloutBatch, chunk: int, *extra, **kwargs) -> t
     over chunks of `chunk` rows, concatenated: (N, C). The one chunked scoring loop (policy,
     reference and critic passes over a rollout)."""
     parts = [
-        fn(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, *extra, **kwargs)
+        fn(
+            model,
+            r.prompt_ids,
+            r.prompt_mask,
+            r.completion_ids,
+            r.completion_mask,
+            *extra,
+            **kwargs,
+        )
         for r in rollout.split(chunk)
     ]
     return torch.cat(parts)

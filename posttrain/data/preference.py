@@ -88,9 +88,7 @@ def encode_preference_file(
     return PreferenceData(examples, has_margin, skipped, truncated)
 
 
-def log_data(
-    accelerator, name: str, path: str, data: PreferenceData, max_length: int
-) -> None:
+def log_data(accelerator, name: str, path: str, data: PreferenceData, max_length: int) -> None:
     """Print (main process only) how many pairs were kept, truncated and skipped, and why."""
     if accelerator.is_main_process:
         skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items())

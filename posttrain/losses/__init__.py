@@ -22,6 +22,7 @@ from posttrain.losses.dpo import (
 )
 from posttrain.losses.grpo import (
     GRPO_LOSS_TYPES,
+    POLICY_LOSSES,
     group_advantages,
     grpo_policy_loss,
     k3_kl,
@@ -61,6 +62,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "AdaptiveKLController",
     "FixedKLController",
+    "POLICY_LOSSES",
     "LossOutput",
     "PreferenceLogps",
     "aux_free_bias_update",
