@@ -290,6 +290,19 @@ def check_moved_keys(cls: type, data: dict) -> None:
         check(data)
 
 
+def reject_unused(cfg: Any, algorithm: str, reasons: dict[str, str]) -> None:
+    """ConfigError naming `algorithm` when a key it does not use (dotted path -> why not) is set
+    to anything but its default, so no recipe key is silently ignored."""
+    for key, reason in reasons.items():
+        *sections, name = key.split(".")
+        node = cfg
+        for part in sections:
+            node = getattr(node, part)
+        default = type(node)().__getattribute__(name)
+        if getattr(node, name) != default:
+            raise ConfigError(f"{algorithm}: {key} is not used ({reason}); remove it")
+
+
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 

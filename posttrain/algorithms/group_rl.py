@@ -37,7 +37,7 @@ from posttrain.algorithms.rl_common import (
     reference_logprobs,
     to_policy_batches,
 )
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, reject_unused
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
 
@@ -132,6 +132,14 @@ class GroupRL(Algorithm):
                 f"{self.name}: {s}.num_generations must be at least 2 (advantages are relative "
                 "to the group)"
             )
+        reject_unused(
+            cfg,
+            self.name,
+            {
+                "data.format": "prompt rows always have a prompt column",
+                "data.packing": f"{s}.share_prompt_forward runs each prompt once for its group",
+            },
+        )
         if cfg.train.grad_accum != 1:
             raise ConfigError(
                 f"{self.name}: train.grad_accum={cfg.train.grad_accum} is not used: a step's "
