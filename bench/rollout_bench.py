@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.models.presets import init_model
 from posttrain.rollout import RolloutEngine, SamplingParams
-from posttrain.rollout.engine import left_pad
+from posttrain.utils import left_pad
 
 WORDS = "let us think about this problem carefully and then give the final answer".split()
 

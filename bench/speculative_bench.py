@@ -129,9 +129,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.evaluation import is_correct
     from posttrain.models.mtp import load_heads
     from posttrain.rollout import RolloutEngine, SamplingParams
+    from posttrain.scoring.answers import is_correct
 
     final = make_fixture(args.preset, args.kind, args.depth, args.train_steps, args.threads)
     tokenizer = AutoTokenizer.from_pretrained(final)

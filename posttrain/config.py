@@ -265,6 +265,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
+    if not where:
+        check_moved_keys(cls, data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -276,6 +278,34 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             raise ConfigError(f"unknown key '{path}'{hint} (valid keys here: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def check_moved_keys(cls: type, data: dict) -> None:
+    """A recipe class may list keys that moved (`moved_keys`: old dotted key -> new place) and
+    check other retired spellings (`check_moved(data)`): an old recipe then fails with a
+    ConfigError naming the new place instead of 'unknown key'."""
+    for old, new in getattr(cls, "moved_keys", {}).items():
+        node: Any = data
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"'{old}' moved to '{new}'")
+    check = getattr(cls, "check_moved", None)
+    if check is not None:
+        check(data)
+
+
+def reject_unused(cfg: Any, algorithm: str, reasons: dict[str, str]) -> None:
+    """ConfigError naming `algorithm` when a key it does not use (dotted path -> why not) is set
+    to anything but its default, so no recipe key is silently ignored."""
+    for key, reason in reasons.items():
+        *sections, name = key.split(".")
+        node = cfg
+        for part in sections:
+            node = getattr(node, part)
+        default = type(node)().__getattribute__(name)
+        if getattr(node, name) != default:
+            raise ConfigError(f"{algorithm}: {key} is not used ({reason}); remove it")
 
 
 def to_dict(obj: Any) -> Any:

@@ -16,12 +16,7 @@ from posttrain.config import ModelConfig
 from posttrain.data.loading import load_rows, require_columns
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutEngine, SamplingParams
-from posttrain.scoring.answers import answers_match, extract_answer
-
-
-def is_correct(completion: str, reference) -> bool:
-    predicted = extract_answer(completion)
-    return predicted is not None and answers_match(predicted, str(reference))
+from posttrain.scoring.answers import is_correct
 
 
 def accuracy_of(

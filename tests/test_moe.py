@@ -2,6 +2,7 @@
 aux-loss-free balancing (posttrain/models/moe.py), on a tiny Qwen3-MoE made in the test."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ TRAINERS = {
     "rm": ("rm_tiny.yaml", "preference", {}),
     "dpo": ("dpo_tiny.yaml", "preference", {}),
     "grpo": ("grpo_tiny.yaml", "rl", ONLINE),
-    "kimi": ("kimi_tiny.yaml", "rl", ONLINE),
+    "kimi": ("kimi_tiny.yaml", "rl", {k.replace("grpo.", "kimi."): v for k, v in ONLINE.items()}),
     "ppo": ("ppo_tiny.yaml", "rl", {**PPO, "ppo.max_approx_kl": 0.0}),
 }
 
@@ -109,6 +110,19 @@ def test_every_trainer_trains_a_moe_model(name, moe_model_dir, arithmetic_dir, t
     for key in MOE_METRICS:
         assert key in last and last[key] == last[key], key  # present and not NaN
     assert torch.isfinite(torch.tensor(last["loss"]))
+    # Values, not just presence: 4 experts, top-2. The loads are fractions around 1/4, the
+    # router entropy is at most ln 4, and transformers' Switch loss (E·Σ f·P summed over the
+    # k choices) is near k = 2 for a near-balanced router and at most E·k = 8.
+    assert 0 <= last["moe/load_min"] <= 0.25 <= last["moe/load_max"] <= 1
+    assert 0 < last["moe/router_entropy"] <= math.log(4) + 1e-4
+    assert 1.0 < last["moe/aux_loss"] < 8.0
+    # The routers were trained (the aux loss alone moves them even when every reward is 0).
+    init = {k: v for k, v in load_file(moe_model_dir / "model.safetensors").items()}
+    final = load_file(tmp_path / name / "final" / "model.safetensors")
+    gates = [k for k in final if k.endswith("mlp.gate.weight")]
+    assert len(gates) == 4, sorted(final)[:8]
+    for key in gates:
+        assert not torch.equal(final[key], init[key]), key
 
 
 def test_aux_loss_equals_reference_values(moe_model_dir):

@@ -1,6 +1,7 @@
 """Reward modelling and the DPO family on the shared loop (issue: preference training)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,7 +92,21 @@ def build_dpo(model_dir, data_dir, out, **extra):
     return algo, accelerator, model
 
 
+def sgd_step(algo, model, batch, lr=0.5):
+    """One plain gradient step on the algorithm's own loss (same update for identical inputs)."""
+    model.zero_grad(set_to_none=True)
+    out = algo.compute_loss(model, batch)
+    (out.total / out.units).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
 def test_precomputed_reference_equals_live_reference(tiny_model_dir, arithmetic_dir, tmp_path):
+    """After an optimizer step (policy != reference) the cached reference log-probs give the
+    live frozen reference's loss, and that loss is no longer ln 2: a reference that followed
+    the policy (or a cache filled from the moving policy) would give ln 2 again."""
     live, acc, live_model = build_dpo(tiny_model_dir, arithmetic_dir, tmp_path / "a")
     cached, acc2, cached_model = build_dpo(
         tiny_model_dir, arithmetic_dir, tmp_path / "b", **{"dpo.precompute_ref_logps": True}
@@ -101,13 +116,18 @@ def test_precomputed_reference_equals_live_reference(tiny_model_dir, arithmetic_
     batch_live = live.micro_batches(0, acc, live_model)[0]
     batch_cached = cached.micro_batches(0, acc2, cached_model)[0]
     assert batch_cached.ref_logps is not None and batch_live.ref_logps is None
-    loss_live = live.compute_loss(live_model, batch_live)
-    loss_cached = cached.compute_loss(cached_model, batch_cached)
-    assert (
-        abs(float(loss_live.total / loss_live.units) - float(loss_cached.total / loss_cached.units))
-        < 1e-5
-    )
-    assert live.ref_forward_passes == 1 and cached.ref_forward_passes == 0
+    sgd_step(live, live_model, batch_live)
+    sgd_step(cached, cached_model, batch_cached)
+    batch_live = live.micro_batches(1, acc, live_model)[0]
+    batch_cached = cached.micro_batches(1, acc2, cached_model)[0]
+    with torch.no_grad():
+        loss_live = live.compute_loss(live_model, batch_live)
+        loss_cached = cached.compute_loss(cached_model, batch_cached)
+    mean_live = float(loss_live.total / loss_live.units)
+    mean_cached = float(loss_cached.total / loss_cached.units)
+    assert abs(mean_live - math.log(2)) > 1e-3, mean_live  # the policy really moved
+    assert abs(mean_live - mean_cached) < 1e-5
+    assert live.ref_forward_passes == 2 and cached.ref_forward_passes == 0
 
 
 def test_dpo_cli_with_precompute_makes_no_reference_passes(
@@ -138,19 +158,61 @@ def test_dpo_cli_with_precompute_makes_no_reference_passes(
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
 
 
-@pytest.mark.parametrize("loss_type", ["robust", "hinge", "ipo", "simpo"])
-def test_every_dpo_variant_runs(tiny_model_dir, arithmetic_dir, tmp_path, loss_type):
+def hand_logps(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
+    """Σ log π(token) over the completion tokens of one unpadded sequence, and their count."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp = logits.log_softmax(-1)
+    picked = [float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if mask[t]]
+    return sum(picked), len(picked)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo"])
+def test_every_dpo_variant_matches_the_formula(tiny_model_dir, arithmetic_dir, tmp_path, loss_type):
+    """Each loss on a policy moved away from its reference equals the paper's formula computed
+    here by hand from one unpadded forward per sequence (packing, batching and the reference
+    plumbing all have to be right for the numbers to agree)."""
+    beta, eps, gamma = 0.1, 0.1, 0.5
     algo, acc, model = build_dpo(
         tiny_model_dir,
         arithmetic_dir,
         tmp_path,
-        **{"dpo.loss_type": loss_type, "dpo.label_smoothing": 0.1},
+        **{"dpo.loss_type": loss_type, "dpo.label_smoothing": eps, "dpo.beta": beta},
     )
     if loss_type == "simpo":
         assert algo.reference is None  # reference-free
-    out = algo.compute_loss(model, algo.micro_batches(0, acc, model)[0])
-    assert torch.isfinite(out.total)
-    out.total.backward()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = algo.micro_batches(0, acc, model)[0]
+    with torch.no_grad():
+        out = algo.compute_loss(model, batch)
+    indices = algo.sampler.global_batch(0, algo.global_batch)[: algo.cfg.train.batch_size]
+    expected = []
+    for example in (algo.train_examples[i] for i in indices):
+        pc, nc = hand_logps(model, example.chosen_ids, example.chosen_mask)
+        pr, nr = hand_logps(model, example.rejected_ids, example.rejected_mask)
+        rc, _ = hand_logps(reference, example.chosen_ids, example.chosen_mask)
+        rr, _ = hand_logps(reference, example.rejected_ids, example.rejected_mask)
+        h = (pc - rc) - (pr - rr)
+        sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+        if loss_type == "sigmoid":
+            expected.append(-math.log(sig(beta * h)))
+        elif loss_type == "robust":
+            expected.append(-(1 - eps) * math.log(sig(beta * h)) - eps * math.log(sig(-beta * h)))
+        elif loss_type == "hinge":
+            expected.append(max(0.0, 1.0 - beta * h))
+        elif loss_type == "ipo":
+            h_avg = (pc - rc) / nc - (pr - rr) / nr
+            expected.append((h_avg - 1.0 / (2.0 * beta)) ** 2)
+        else:
+            expected.append(-math.log(sig(beta * pc / nc - beta * pr / nr - gamma)))
+    assert int(out.units) == len(expected)
+    got = float(out.total / out.units)
+    want = sum(expected) / len(expected)
+    assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
 
 
 def test_lora_dpo_uses_disabled_adapter_and_merges(tiny_model_dir, arithmetic_dir, tmp_path):

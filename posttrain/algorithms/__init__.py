@@ -4,7 +4,8 @@ ALGORITHMS maps a CLI command to (recipe class, algorithm class).
 """
 
 from posttrain.algorithms.dpo import DPO, DPORecipe
-from posttrain.algorithms.grpo import GRPO, GRPORecipe, KimiRecipe
+from posttrain.algorithms.grpo import GRPO, GRPORecipe
+from posttrain.algorithms.kimi import Kimi, KimiRecipe
 from posttrain.algorithms.ppo import PPO, PPORecipe
 from posttrain.algorithms.reward_model import RewardModel, RMRecipe
 from posttrain.algorithms.sft import SFT, SFTRecipe
@@ -14,6 +15,6 @@ ALGORITHMS = {
     "rm": (RMRecipe, RewardModel),
     "dpo": (DPORecipe, DPO),
     "grpo": (GRPORecipe, GRPO),
-    "kimi": (KimiRecipe, GRPO),
+    "kimi": (KimiRecipe, Kimi),
     "ppo": (PPORecipe, PPO),
 }

@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from posttrain.algorithms.base import OfflineAlgorithm, process_batches
-from posttrain.algorithms.reward_model import log_data
+from posttrain.algorithms.rl_common import load_reference
 from posttrain.config import BaseRecipe
-from posttrain.data.preference import encode_preference_file
+from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
@@ -30,8 +30,7 @@ from posttrain.data.preference_packing import (
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
-from posttrain.models.sharding import shard_frozen
+from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -112,19 +111,9 @@ class DPO(OfflineAlgorithm):
         self.ref_forward_passes = 0
         self.reference = None
         self.needs_reference = cfg.dpo.loss_type != "simpo"
-        if self.needs_reference and not (is_peft_model(model) and not cfg.dpo.reference):
-            ref_cfg = (
-                cfg.model
-                if not cfg.dpo.reference
-                else type(cfg.model)(
-                    name_or_path=cfg.dpo.reference,
-                    dtype=cfg.model.dtype,
-                    trust_remote_code=cfg.model.trust_remote_code,
-                    attn_implementation=cfg.model.attn_implementation,
-                )
-            )
+        if self.needs_reference:
             # Placed like the policy will be: sharded under FSDP2/ZeRO-3, replicated otherwise.
-            self.reference = shard_frozen(accelerator, load_causal_lm(ref_cfg))
+            self.reference = load_reference(cfg.model, cfg.dpo.reference, model, accelerator)
         if self.needs_reference and cfg.dpo.precompute_ref_logps:
             model.to(accelerator.device)
             for examples in (self.train_examples, self.eval_examples):

@@ -53,12 +53,9 @@ from posttrain.algorithms.base import Algorithm, StepSampler, Trainable
 from posttrain.algorithms.ppo_rollout import (
     PPOBatch,
     RunningMoments,
-    chunked,
     estimate_advantages,
     gather_rollout,
-    generate_and_score,
     global_moments,
-    greedy_accuracy,
     local_rows,
     minibatch_plan,
     restore_rollout,
@@ -67,13 +64,16 @@ from posttrain.algorithms.ppo_rollout import (
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
     build_scorer,
+    chunked,
+    generate_and_score,
+    greedy_accuracy,
     load_policy_and_prompts,
     load_reference,
     process_share,
     reduce_means,
     reference_logprobs,
 )
-from posttrain.config import BaseRecipe, ConfigError
+from posttrain.config import BaseRecipe, ConfigError, reject_unused
 from posttrain.losses.common import masked_sum
 from posttrain.losses.ppo import (
     AdaptiveKLController,
@@ -213,6 +213,12 @@ class PPO(Algorithm):
                 "ppo does not support train.mixed_precision=fp16 (one GradScaler would unscale "
                 "the policy's and the critic's optimisers twice); use bf16"
             )
+        reject_unused(cfg, "ppo", {"data.format": "prompt rows", "data.packing": "sampled rows"})
+        if p.max_new_tokens >= cfg.data.max_length:
+            raise ConfigError(
+                f"ppo: data.max_length={cfg.data.max_length} (prompt + completion) leaves no room "
+                f"for a prompt after ppo.max_new_tokens={p.max_new_tokens}"
+            )
         if p.prompts_per_rollout % world or rows % minibatch:
             raise ConfigError(
                 f"ppo.prompts_per_rollout={p.prompts_per_rollout} must divide by the {world} "
@@ -234,7 +240,13 @@ class PPO(Algorithm):
         policy = accelerator.unwrap_model(model)
         params = dataclasses.replace(self.sampling, seed=seed)
         rollout, scored, stats = generate_and_score(
-            policy, self.tokenizer, self.data, self.scorer, indices, params
+            policy,
+            self.tokenizer,
+            self.data,
+            self.scorer,
+            indices,
+            params,
+            max_prompt_tokens=cfg.data.max_length - p.max_new_tokens,
         )
         scores = scored.rewards  # (N,)
         if p.normalize_scores:
@@ -264,6 +276,7 @@ class PPO(Algorithm):
             "completion_length": float(rollout.lengths.float().mean()),
             "truncation_rate": float(rollout.truncated.float().mean()),
             "rollout_tokens_per_s": stats["tokens_per_s"],
+            "prompts_truncated": stats["prompts_truncated"],
         }
         if "accuracy" in scored.per_function:
             metrics["accuracy"] = float(scored.per_function["accuracy"].mean())

@@ -1,7 +1,7 @@
 """PPO's rollout buffer and the batch statistics it needs (used by algorithms/ppo.py).
 
-- `generate_and_score`: samples from the shared RolloutEngine scored by the shared Scorer;
-- `greedy_accuracy`: held-out greedy exact match, the evaluation GRPO also runs;
+- `gather_rollout` / `local_rows`: the global rollout every process plans its minibatches
+  from, and this process's share of a global minibatch;
 - `estimate_advantages`: KL-shaped per-token rewards, GAE and whitening (the pure losses in
   losses/ppo.py) plus the rollout's metrics.
 - `PPOBatch`: the scored rollout rows with per-token advantages, returns and V_old, the typed
@@ -25,11 +25,10 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from posttrain.data.batches import TensorBatch
-from posttrain.evaluation import accuracy_of
 from posttrain.losses.common import masked_mean, masked_sum, masked_var, masked_whiten
 from posttrain.losses.grpo import k3_kl
 from posttrain.losses.ppo import gae, kl_penalized_rewards
-from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams
+from posttrain.rollout import RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -81,49 +80,6 @@ class PPOBatch(TensorBatch):
             self.select(torch.arange(s, min(s + size, len(self))))
             for s in range(0, len(self), size)
         ]
-
-
-def generate_and_score(policy, tokenizer, data, scorer, indices: list[int], params: SamplingParams):
-    """(rollout, scores, engine stats): `params.n` samples of each prompt of `data` at `indices`
-    from the shared RolloutEngine (one seed per prompt, so sharding over processes changes no
-    sample), scored by the shared Scorer with the data's other columns."""
-    engine = RolloutEngine(policy, tokenizer)
-    prompts = [data.prompts[i] for i in indices]
-    seeds = [params.seed * 1_000_003 + i for i in indices]
-    rollout = engine.generate(prompts, params, prompt_seeds=seeds)
-    scored = scorer(
-        [prompt for prompt in prompts for _ in range(params.n)],
-        rollout.texts,
-        completion_lengths=rollout.lengths.tolist(),
-        truncated=rollout.truncated.tolist(),
-        **data.columns_for(indices, params.n),
-    )
-    return rollout, scored, engine.last_stats
-
-
-@torch.no_grad()
-def greedy_accuracy(
-    policy, tokenizer, data, limit: int, max_new_tokens: int, accelerator: Accelerator
-) -> float:
-    """Greedy exact-match accuracy on the first `limit` rows of `data` (prompt/answer), the rows
-    shared out over processes (as GRPO's evaluation)."""
-    mine = list(range(accelerator.process_index, limit, accelerator.num_processes))
-    engine = RolloutEngine(policy, tokenizer)
-    prompts, answers = [data.prompts[i] for i in mine], [data.extra["answer"][i] for i in mine]
-    result = accuracy_of(engine, prompts, answers, max_new_tokens)
-    right_n = torch.tensor([result["accuracy"] * result["n"], float(result["n"])])
-    totals = accelerator.reduce(right_n.to(accelerator.device), reduction="sum")
-    return float(totals[0] / totals[1].clamp(min=1))
-
-
-def chunked(fn, model, rollout: RolloutBatch, chunk: int, *extra) -> Tensor:
-    """fn(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *extra) over chunks of
-    `chunk` rows, concatenated: (N, C)."""
-    parts = [
-        fn(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, *extra)
-        for r in rollout.split(chunk)
-    ]
-    return torch.cat(parts)
 
 
 def minibatch_plan(rows: int, size: int, epochs: int, seed: int, index: int) -> Tensor:

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
-from posttrain.data.preference import PreferenceData, encode_preference_file
+from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
@@ -24,7 +24,7 @@ from posttrain.data.preference_packing import (
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
-from posttrain.rollout.logprobs import unwrap_model
+from posttrain.utils import unwrap_model
 
 
 @dataclass
@@ -39,17 +39,6 @@ class RewardConfig:
 class RMRecipe(BaseRecipe):
     rm: RewardConfig = field(default_factory=RewardConfig)
     """Reward-model loss settings."""
-
-
-def log_data(
-    accelerator: Accelerator, name: str, path: str, data: PreferenceData, max_length: int
-) -> None:
-    if accelerator.is_main_process:
-        skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items())
-        accelerator.print(
-            f"{name} data: {len(data.examples)} pairs from {path} ({data.truncated} truncated to "
-            f"max_length={max_length}; skipped {skipped})"
-        )
 
 
 def score_head(model) -> torch.nn.Module:

@@ -16,9 +16,10 @@ from accelerate import Accelerator
 
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.loading import DataError, load_rows, require_columns
+from posttrain.evaluation import accuracy_of
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
-from posttrain.models.sharding import shard_frozen
-from posttrain.rollout import RolloutBatch, sequence_logprobs
+from posttrain.models.sharding import full_parameters, shard_frozen
+from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
 from posttrain.scoring import RewardSpec, Scorer
 
 
@@ -167,6 +168,78 @@ def load_reference(cfg_model, reference_path: str, policy, accelerator) -> torch
     return shard_frozen(accelerator, load_causal_lm(ref_cfg))
 
 
+def generate_and_score(
+    policy,
+    tokenizer,
+    data,
+    scorer,
+    indices: list[int],
+    params: SamplingParams,
+    max_prompt_tokens: int | None = None,
+):
+    """(rollout, scores, engine stats): `params.n` samples of each prompt of `data` at `indices`
+    from the shared RolloutEngine (one seed per prompt, so sharding over processes changes no
+    sample), scored by the shared Scorer with the data's other columns.
+
+    max_prompt_tokens: longer prompts keep their LAST tokens (the question and the generation
+    prompt); stats["prompts_truncated"] is the fraction that were cut."""
+    engine = RolloutEngine(policy, tokenizer)
+    prompts = [data.prompts[i] for i in indices]
+    seeds = [params.seed * 1_000_003 + i for i in indices]
+    inputs, truncated = prompts, 0
+    if max_prompt_tokens is not None:
+        encoded = [engine.encode(p) for p in prompts]
+        truncated = sum(len(ids) > max_prompt_tokens for ids in encoded)
+        inputs = [ids[-max_prompt_tokens:] for ids in encoded]
+    rollout = engine.generate(inputs, params, prompt_seeds=seeds)
+    scored = scorer(
+        [prompt for prompt in prompts for _ in range(params.n)],
+        rollout.texts,
+        completion_lengths=rollout.lengths.tolist(),
+        truncated=rollout.truncated.tolist(),
+        **data.columns_for(indices, params.n),
+    )
+    return rollout, scored, {**engine.last_stats, "prompts_truncated": truncated / len(prompts)}
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    policy, tokenizer, data, limit: int, max_new_tokens: int, accelerator: Accelerator
+) -> float:
+    """Greedy exact-match accuracy on the first `limit` rows of `data` (prompt/answer), the rows
+    shared out over processes."""
+    mine = list(range(accelerator.process_index, limit, accelerator.num_processes))
+    engine = RolloutEngine(policy, tokenizer)
+    prompts, answers = [data.prompts[i] for i in mine], [data.extra["answer"][i] for i in mine]
+    # A sharded policy is gathered once for the whole evaluation (a collective every process
+    # joins), so processes may then run different numbers of generate calls.
+    with full_parameters(policy):
+        result = accuracy_of(engine, prompts, answers, max_new_tokens) if mine else None
+    result = result or {"accuracy": 0.0, "n": 0}
+    right_n = torch.tensor([result["accuracy"] * result["n"], float(result["n"])])
+    totals = accelerator.reduce(right_n.to(accelerator.device), reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def chunked(fn, model, rollout: RolloutBatch, chunk: int, *extra, **kwargs) -> torch.Tensor:
+    """fn(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *extra, **kwargs)
+    over chunks of `chunk` rows, concatenated: (N, C). The one chunked scoring loop (policy,
+    reference and critic passes over a rollout)."""
+    parts = [
+        fn(
+            model,
+            r.prompt_ids,
+            r.prompt_mask,
+            r.completion_ids,
+            r.completion_mask,
+            *extra,
+            **kwargs,
+        )
+        for r in rollout.split(chunk)
+    ]
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def reference_logprobs(
     reference,
@@ -177,23 +250,16 @@ def reference_logprobs(
     group_size: int = 1,
 ) -> torch.Tensor:
     """(N, C) log-probs of the sampled tokens under the reference (chunked forward passes;
-    group_size as in `sequence_logprobs`)."""
-    out = []
-    for part in rollout.split(chunk):
-        args = (
-            part.prompt_ids,
-            part.prompt_mask,
-            part.completion_ids,
-            part.completion_mask,
-            temperature,
+    group_size as in `sequence_logprobs`); reference None: the policy with its adapter off."""
+    if reference is not None:
+        return chunked(
+            sequence_logprobs, reference, rollout, chunk, temperature, group_size=group_size
         )
-        if reference is not None:
-            out.append(sequence_logprobs(reference, *args, group_size=group_size))
-        else:
-            unwrapped = policy.module if hasattr(policy, "module") else policy
-            with unwrapped.disable_adapter():
-                out.append(sequence_logprobs(unwrapped, *args, group_size=group_size))
-    return torch.cat(out)
+    unwrapped = policy.module if hasattr(policy, "module") else policy
+    with unwrapped.disable_adapter():
+        return chunked(
+            sequence_logprobs, unwrapped, rollout, chunk, temperature, group_size=group_size
+        )
 
 
 def to_policy_batches(

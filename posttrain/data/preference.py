@@ -88,6 +88,16 @@ def encode_preference_file(
     return PreferenceData(examples, has_margin, skipped, truncated)
 
 
+def log_data(accelerator, name: str, path: str, data: PreferenceData, max_length: int) -> None:
+    """Print (main process only) how many pairs were kept, truncated and skipped, and why."""
+    if accelerator.is_main_process:
+        skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items())
+        accelerator.print(
+            f"{name} data: {len(data.examples)} pairs from {path} ({data.truncated} truncated to "
+            f"max_length={max_length}; skipped {skipped})"
+        )
+
+
 def precomputed_reference(examples: list[PreferenceExample]) -> torch.Tensor | None:
     """(B, 2) precomputed reference [chosen, rejected] log-probs, or None if any is missing."""
     if any(e.ref_chosen is None for e in examples):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import reject_unused
 from posttrain.data.batches import TensorBatch
 from posttrain.data.collate import pack_rows
 from posttrain.data.preference import precomputed_reference, preference_collate
@@ -50,9 +51,15 @@ class PackedPreferenceBatch(TensorBatch):
         return self.pairs
 
 
+FORMAT_REASON = "preference rows always have prompt, chosen and rejected columns"
+
+
 def check_packing_supported(cfg) -> None:
     """With data.packing, the 4-D boolean mask is read as "may attend" by SDPA only: eager
     attention would add it to the scores and flash-attention cannot take it."""
+    reject_unused(
+        cfg, type(cfg).__name__.removesuffix("Recipe").lower(), {"data.format": FORMAT_REASON}
+    )
     if cfg.data.packing and cfg.model.attn_implementation != "sdpa":
         raise ValueError(
             f"data.packing=true for preference pairs needs model.attn_implementation=sdpa, got "

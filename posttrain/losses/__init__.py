@@ -22,6 +22,7 @@ from posttrain.losses.dpo import (
 )
 from posttrain.losses.grpo import (
     GRPO_LOSS_TYPES,
+    POLICY_LOSSES,
     group_advantages,
     grpo_policy_loss,
     k3_kl,
@@ -36,7 +37,14 @@ from posttrain.losses.moe import (
     router_entropy,
     router_z_loss,
 )
-from posttrain.losses.mtp import greedy_accept, mtp_labels, mtp_loss, speculative_accept
+from posttrain.losses.mtp import (
+    greedy_accept,
+    greedy_accept_rows,
+    mtp_labels,
+    mtp_loss,
+    speculative_accept,
+    speculative_accept_rows,
+)
 from posttrain.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -54,6 +62,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "AdaptiveKLController",
     "FixedKLController",
+    "POLICY_LOSSES",
     "LossOutput",
     "PreferenceLogps",
     "aux_free_bias_update",
@@ -63,6 +72,7 @@ __all__ = [
     "expert_load",
     "gae",
     "greedy_accept",
+    "greedy_accept_rows",
     "group_advantages",
     "grpo_policy_loss",
     "hinge_loss",
@@ -89,4 +99,5 @@ __all__ = [
     "sigmoid_loss",
     "simpo_loss",
     "speculative_accept",
+    "speculative_accept_rows",
 ]

@@ -20,6 +20,8 @@ logprobs.detach(): ρ = 1 in value while the gradient still flows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from posttrain.losses.common import masked_mean, masked_sum
@@ -135,3 +137,8 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
     ramp = (safe - lengths) / cache_length  # (N,) in [-1, 0) on the ramp
     penalty = torch.where(lengths <= safe, torch.zeros_like(lengths), ramp)
     return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
+
+
+# The clipped policy losses by `grpo.loss_type`: the trainer looks the loss up here, so a new
+# variant is one entry (its aggregation is `units`, see the module docstring).
+POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {t: grpo_policy_loss for t in GRPO_LOSS_TYPES}

@@ -70,16 +70,56 @@ def mtp_loss(
     return LossOutput(total=total, units=torch.ones((), device=labels.device), metrics=metrics)
 
 
+def greedy_accept_rows(drafts: torch.Tensor, target_argmax: torch.Tensor):
+    """Greedy verification of A rows at once. drafts: (A, K); target_argmax: (A, K+1), the
+    verifier's argmax at each drafted position plus the one after. Returns (accepted (A,),
+    next_token (A,)): the longest agreeing prefix and the verifier's token after it (a
+    correction, or the bonus token when all K agree)."""
+    num_draft = drafts.shape[1]
+    agree = (drafts == target_argmax[:, :num_draft]).long()  # (A, K)
+    accepted = agree.cumprod(dim=1).sum(dim=1)  # (A,)
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    return accepted, target_argmax[rows, accepted]
+
+
+def speculative_accept_rows(
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+):
+    """Lossless speculative sampling of A rows at once.
+
+    drafts: (A, K) sampled from q; draft_probs q: (A, K, V); target_probs p: (A, K+1, V), the
+    verifier's distributions at the K drafted positions and the one after. Draft i is accepted
+    with probability min(1, p_i(x_i)/q_i(x_i)); at the first rejection the next token is sampled
+    from normalise(max(0, p_i - q_i)); if all K are accepted a bonus token is sampled from p_K.
+    `generator` must live on the device of the probabilities. Returns (accepted (A,),
+    next_token (A,)).
+    """
+    num_rows, num_draft = drafts.shape
+    rows = torch.arange(num_rows, device=drafts.device)
+    p_draft = target_probs[:, :num_draft].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (A, K)
+    q_draft = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (A, K)
+    uniform = torch.rand(q_draft.shape, generator=generator, device=q_draft.device)
+    # accept iff u < p/q, written u*q < p (no division by q); a sentinel column ends the scan
+    sentinel = torch.ones(num_rows, 1, dtype=torch.bool, device=drafts.device)
+    rejected = torch.cat([uniform * q_draft >= p_draft, sentinel], dim=1)  # (A, K+1)
+    accepted = rejected.int().argmax(dim=1)  # (A,) first rejection, K if none
+    # q = 0 after the last draft, so the residual there is p_K itself: the bonus token
+    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(num_rows, 1, target_probs.shape[-1])], 1)
+    p_at, q_at = target_probs[rows, accepted], q_pad[rows, accepted]  # (A, V)
+    residual = (p_at - q_at).clamp(min=0)
+    # an all-zero residual means p = q there, where rejection has probability 0: use p
+    dist = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
+    return accepted, torch.multinomial(dist, 1, generator=generator).squeeze(-1)
+
+
 def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
-    """Greedy verification. draft_tokens: (K,); target_argmax: (K+1,) the verifier's argmax at
-    each drafted position plus the one after. Returns (n_accepted, next_token): the longest
-    agreeing prefix and the verifier's token after it (a correction or the bonus token)."""
-    num_draft = draft_tokens.shape[0]
-    mismatch = torch.cat(
-        [draft_tokens != target_argmax[:num_draft], draft_tokens.new_ones(1, dtype=torch.bool)]
-    )  # (K+1,) sentinel so argmax finds K when all match
-    n_accepted = int(mismatch.int().argmax())
-    return n_accepted, int(target_argmax[n_accepted])
+    """`greedy_accept_rows` for one row. draft_tokens: (K,); target_argmax: (K+1,).
+    Returns (n_accepted, next_token)."""
+    accepted, next_token = greedy_accept_rows(draft_tokens[None], target_argmax[None])
+    return int(accepted[0]), int(next_token[0])
 
 
 def speculative_accept(
@@ -88,29 +128,9 @@ def speculative_accept(
     target_probs: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[int, int]:
-    """Lossless speculative sampling.
-
-    draft_tokens: (K,) sampled from q; draft_probs q: (K, V); target_probs p: (K+1, V), the
-    verifier's distributions at the K drafted positions and the one after. Draft i is accepted
-    with probability min(1, p_i(x_i)/q_i(x_i)); at the first rejection the next token is sampled
-    from normalise(max(0, p_i - q_i)); if all K are accepted a bonus token is sampled from p_K.
-    `generator` must live on the device of the probabilities. Returns (n_accepted, next_token).
-    """
-    num_draft = draft_tokens.shape[0]
-    rows = torch.arange(num_draft, device=target_probs.device)
-    p_draft = target_probs[rows, draft_tokens]  # (K,)
-    q_draft = draft_probs[rows, draft_tokens]  # (K,)
-    uniform = torch.rand(
-        num_draft, generator=generator, device=target_probs.device, dtype=target_probs.dtype
+    """`speculative_accept_rows` for one row. draft_tokens: (K,); draft_probs: (K, V);
+    target_probs: (K+1, V). Returns (n_accepted, next_token)."""
+    accepted, next_token = speculative_accept_rows(
+        draft_tokens[None], draft_probs[None], target_probs[None], generator
     )
-    # accept iff u < p/q, written u·q < p so q = 0 needs no division; u < 1 accepts when p >= q
-    rejected = torch.cat([uniform * q_draft >= p_draft, rows.new_ones(1, dtype=torch.bool)])
-    n_accepted = int(rejected.int().argmax())
-    if n_accepted < num_draft:
-        residual = (target_probs[n_accepted] - draft_probs[n_accepted]).clamp(min=0)  # (V,)
-        # residual is all zero only when p = q, where rejection has probability 0: use p
-        dist = torch.where(residual.sum() > 0, residual, target_probs[n_accepted])
-    else:
-        dist = target_probs[num_draft]  # (V,) bonus token
-    next_token = int(torch.multinomial(dist, 1, generator=generator))
-    return n_accepted, next_token
+    return int(accepted[0]), int(next_token[0])

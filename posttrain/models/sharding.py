@@ -39,8 +39,12 @@ def _is_zero3(model: torch.nn.Module) -> bool:
 def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Every parameter unsharded on every rank for the duration (collective: every rank must
     enter). Parameters are read-only inside: nothing here writes them back."""
+    if getattr(model, "_posttrain_full_parameters", False):  # nested: already gathered
+        yield
+        return
     units = _fsdp_units(model)
     if units:
+        model._posttrain_full_parameters = True
         # Outer units first does not matter: unshard() of each unit gathers only its own
         # parameters. reshard_after_forward=False keeps them whole across the many forwards of
         # a decode loop; the original setting is restored on exit.
@@ -55,6 +59,7 @@ def full_parameters(model: torch.nn.Module) -> Iterator[None]:
             for unit, setting in zip(units, saved):
                 _restore_reshard_setting(unit, setting)
                 unit.reshard()
+            model._posttrain_full_parameters = False
         return
     if _is_zero3(model):
         import deepspeed

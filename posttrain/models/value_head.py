@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForTokenClassification
 
 from posttrain.config import ModelConfig
 from posttrain.models.loading import _from_pretrained, apply_lora, check_model_path
-from posttrain.rollout.logprobs import position_ids_from_mask
+from posttrain.utils import position_ids_from_mask
 
 
 def load_critic(cfg_model: ModelConfig, path: str) -> torch.nn.Module:

@@ -44,32 +44,13 @@ from transformers import DynamicCache
 
 from posttrain.models.sharding import full_parameters
 from posttrain.rollout.cache import preallocated_cache
-from posttrain.rollout.logprobs import accepts_logits_to_keep, position_ids_from_mask
+from posttrain.rollout.logprobs import accepts_logits_to_keep
 from posttrain.rollout.prefix_shared import SharedPrompt, supports_shared_prompt
 from posttrain.rollout.sampling import draw_uniforms, sample_next
-from posttrain.rollout.speculative import generate_chunk_speculative
+from posttrain.rollout.speculative import SpeculativeDecoder
 from posttrain.rollout.stopping import StopChecker, cut_at_stop
 from posttrain.rollout.types import RolloutBatch, SamplingParams
-
-
-def _as_list(ids) -> list[int]:
-    if isinstance(ids, Tensor):
-        return ids.flatten().tolist()
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
-        return list(ids["input_ids"])
-    return list(ids)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for source in (
-        tokenizer.eos_token_id,
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if source is None:
-            continue
-        ids.update([source] if isinstance(source, int) else _as_list(source))
-    return sorted(ids)
+from posttrain.utils import as_token_list, eos_ids, left_pad, position_ids_from_mask
 
 
 class RolloutEngine:
@@ -122,7 +103,7 @@ class RolloutEngine:
             )
         else:
             ids = prompt
-        ids = _as_list(ids)
+        ids = as_token_list(ids)
         if not ids:
             raise ValueError("empty prompt: generation needs at least one token to condition on")
         return [int(i) for i in ids]
@@ -152,11 +133,12 @@ class RolloutEngine:
                 len(prompts), params.n, params.max_new_tokens, params.seed, prompt_seeds, device
             )
         self._forwards = 0
-        depth = self.mtp_heads.depth if self.mtp_heads is not None else 0
-        self._spec_counts = {"row_steps": 0, "accepted": [0] * depth}
-        generate_chunk = self._generate_chunk
+        generate_chunk, speculative = self._generate_chunk, None
         if params.speculative == "mtp":
-            generate_chunk = partial(generate_chunk_speculative, self)
+            speculative = SpeculativeDecoder(
+                self.model, self.tokenizer, self.mtp_heads, self.pad_id
+            )
+            generate_chunk = speculative.generate_chunk
         self._head_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
         started = time.perf_counter()
         was_training = self.model.training
@@ -186,13 +168,13 @@ class RolloutEngine:
             "samples": len(batch),
             "prompt_tokens": sum(len(ids) for ids in encoded),
             "generated_tokens": generated,
-            "forward_passes": self._forwards,
+            "forward_passes": self._forwards
+            + (speculative.stats.forward_passes if speculative is not None else 0),
             "seconds": seconds,
             "tokens_per_s": generated / max(seconds, 1e-9),
         }
-        if params.speculative == "mtp":
-            row_steps = max(self._spec_counts["row_steps"], 1)
-            rates = [accepted / row_steps for accepted in self._spec_counts["accepted"]]
+        if speculative is not None:
+            rates = speculative.stats.accept_rates()
             self.last_stats.update({f"accept_rate_{k + 1}": r for k, r in enumerate(rates)})
             # a row gains 1 + (accepted drafts) tokens per verify forward
             self.last_stats["tokens_per_forward"] = 1 + sum(rates)
@@ -250,7 +232,7 @@ class RolloutEngine:
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         active = torch.arange(rows, device=device)  # chunk row of each row still in the batch
-        eos = torch.tensor(_eos_ids(self.model, self.tokenizer), dtype=torch.long, device=device)
+        eos = torch.tensor(eos_ids(self.model, self.tokenizer), dtype=torch.long, device=device)
         stop_checker = StopChecker(self.tokenizer, params.stop, rows) if params.stop else None
 
         # 3. Decode.
@@ -317,14 +299,3 @@ class RolloutEngine:
             group_ids=torch.arange(len(encoded), device=device).repeat_interleave(n),
             texts=texts,
         )
-
-
-def left_pad(encoded: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """(B, P) ids and mask, padded on the left so every row's last column is its last token."""
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, row in enumerate(encoded):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)

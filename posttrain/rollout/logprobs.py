@@ -19,19 +19,7 @@ import inspect
 import torch
 from torch import Tensor
 
-
-def unwrap_model(model):
-    """The Hugging Face model under DDP / torch.compile / peft wrappers (for introspection only)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "module"):  # DistributedDataParallel, accelerate wrappers
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-    return model
+from posttrain.utils import position_ids_from_mask, unwrap_model
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -40,12 +28,6 @@ def accepts_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, T) positions that count real tokens only, so a left-padded row is numbered exactly as
-    the same row without padding; padding gets position 0 (it is masked anyway)."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:

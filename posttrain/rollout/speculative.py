@@ -12,7 +12,7 @@ are accepted), so a forward yields a + 1 tokens.
   min(1, p_j(d_j) / q_j(d_j)); at the first rejection draw c from normalise(max(0, p_j - q_j)),
   after K acceptances from p_K. p and q are the same temperature / top-k / top-p filtered
   distributions plain sampling uses, so every token follows the main model's distribution.
-  (Vectorised `posttrain.losses.mtp.speculative_accept`.)
+  (The rule is `posttrain.losses.mtp.speculative_accept_rows`.)
 
 Rows accept different counts. The KV cache keeps one common length: all S slots of a step are
 written, and the slots of rejected drafts become holes, masked out of every later attention by
@@ -28,15 +28,49 @@ are the main model's log softmax(logits / T) at each emitted token, as without s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
+from posttrain.losses.mtp import greedy_accept_rows, speculative_accept_rows
 from posttrain.models.mtp import KVBuffer, MTPHeads, capture_lm_head_input
 from posttrain.rollout.cache import preallocated_cache
-from posttrain.rollout.logprobs import position_ids_from_mask
+from posttrain.rollout.logprobs import accepts_logits_to_keep
 from posttrain.rollout.sampling import filter_logits
 from posttrain.rollout.stopping import StopChecker
 from posttrain.rollout.types import SamplingParams
+from posttrain.utils import eos_ids, left_pad, position_ids_from_mask
+
+
+@dataclass
+class SpeculativeStats:
+    """What a `SpeculativeDecoder` did: main-model forwards (prefills and verifies), row-steps
+    (a row in a verify forward) and, per draft depth k, row-steps that accepted at least k+1."""
+
+    forward_passes: int = 0
+    row_steps: int = 0
+    accepted: list[int] = field(default_factory=list)
+
+    def accept_rates(self) -> list[float]:
+        """accept_rate_k for k = 1..K: the fraction of row-steps accepting at least k drafts."""
+        steps = max(self.row_steps, 1)
+        return [count / steps for count in self.accepted]
+
+
+class SpeculativeDecoder:
+    """Self-speculative decoding of prompt chunks with a model's MTP heads; `RolloutEngine`
+    makes one per `generate` call and reads its `stats` afterwards."""
+
+    def __init__(self, model, tokenizer, heads: MTPHeads, pad_id: int):
+        self.model, self.tokenizer, self.heads, self.pad_id = model, tokenizer, heads, pad_id
+        self.head_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        self.stats = SpeculativeStats(accepted=[0] * heads.depth)
+
+    def generate_chunk(self, encoded, params: SamplingParams, uniforms, device):
+        """Like `RolloutEngine._generate_chunk`: tokens (R, M), logprobs (R, M), lengths (R,),
+        stopped (R,)."""
+        return generate_chunk_speculative(self, encoded, params, uniforms, device)
 
 
 def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -59,28 +93,11 @@ def accept(
     logits: Tensor, drafts: Tensor, draft_probs: Tensor | None, params: SamplingParams, generator
 ) -> tuple[Tensor, Tensor]:
     """logits: (A, K+1, V) of the main model at t_n, d_1..d_K; drafts: (A, K); draft_probs q:
-    (A, K, V) or None when greedy. Returns accepted counts a (A,) and next tokens c (A,)."""
-    rows = torch.arange(drafts.shape[0], device=drafts.device)
-    num_draft = drafts.shape[1]
+    (A, K, V) or None when greedy. Returns accepted counts a (A,) and next tokens c (A,), by the
+    acceptance rules of posttrain.losses.mtp (greedy prefix match / Leviathan et al.)."""
     if params.temperature == 0:
-        target = logits.argmax(dim=-1)  # (A, K+1)
-        agree = (drafts == target[:, :num_draft]).long()
-        accepted = agree.cumprod(dim=1).sum(dim=1)  # (A,) longest agreeing prefix
-        return accepted, target[rows, accepted]
-    p = target_probs(logits, params)  # (A, K+1, V)
-    p_draft = p[:, :num_draft].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (A, K)
-    q_draft = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (A, K)
-    uniform = torch.rand(q_draft.shape, generator=generator, device=q_draft.device)
-    # accept iff u < p/q, written u*q < p (no division by q); a sentinel column ends the scan
-    rejected = torch.cat([uniform * q_draft >= p_draft, rows.new_ones(len(rows), 1).bool()], 1)
-    accepted = rejected.int().argmax(dim=1)  # (A,) first rejection, K if none
-    # q = 0 after the last draft, so the residual there is p_K itself: the bonus token
-    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(len(rows), 1, p.shape[-1])], 1)
-    p_at, q_at = p[rows, accepted], q_pad[rows, accepted]  # (A, V)
-    residual = (p_at - q_at).clamp(min=0)
-    # an all-zero residual means p = q there, where rejection has probability 0: use p
-    dist = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
-    return accepted, torch.multinomial(dist, 1, generator=generator).squeeze(-1)
+        return greedy_accept_rows(drafts, logits.argmax(dim=-1))
+    return speculative_accept_rows(drafts, draft_probs, target_probs(logits, params), generator)
 
 
 class Drafter:
@@ -133,13 +150,13 @@ class Drafter:
         return torch.stack(drafts, dim=1), stacked
 
 
-def _forward(engine, cache, ids, mask, positions, all_logits: bool) -> tuple[Tensor, Tensor]:
+def _forward(decoder, cache, ids, mask, positions, all_logits: bool) -> tuple[Tensor, Tensor]:
     """Cached main-model forward; returns logits (A, S', V) float32 and h^0 (A, S', H), with
     S' = S, or 1 (the last slot) unless all_logits."""
-    engine._forwards += 1
-    extra = {} if all_logits else engine._head_kwargs
-    with capture_lm_head_input(engine.model) as captured:
-        out = engine.model(
+    decoder.stats.forward_passes += 1
+    extra = {} if all_logits else decoder.head_kwargs
+    with capture_lm_head_input(decoder.model) as captured:
+        out = decoder.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -151,26 +168,28 @@ def _forward(engine, cache, ids, mask, positions, all_logits: bool) -> tuple[Ten
 
 
 def generate_chunk_speculative(
-    engine, encoded: list[list[int]], params: SamplingParams, uniforms: Tensor | None, device
+    decoder: SpeculativeDecoder,
+    encoded: list[list[int]],
+    params: SamplingParams,
+    uniforms: Tensor | None,
+    device,
 ):
-    """Like `RolloutEngine._generate_chunk`: tokens (R, M), logprobs (R, M), lengths (R,),
-    stopped (R,); adds acceptance counts to `engine._spec_counts`."""
-    from posttrain.rollout.engine import _eos_ids, left_pad
-
-    heads: MTPHeads = engine.mtp_heads
+    """`SpeculativeDecoder.generate_chunk`; adds forwards and acceptance counts to
+    `decoder.stats`."""
+    heads: MTPHeads = decoder.heads
     n, max_new, depth = params.n, params.max_new_tokens, heads.depth
     generator = None
     if uniforms is not None:
         generator = torch.Generator(device=device).manual_seed(int(uniforms[0, 0] * 2**62))
-    drafter = Drafter(heads, engine.model, params, generator)
-    prompt_ids, prompt_mask = left_pad(encoded, engine.pad_id, device)  # (B, P)
+    drafter = Drafter(heads, decoder.model, params, generator)
+    prompt_ids, prompt_mask = left_pad(encoded, decoder.pad_id, device)  # (B, P)
     width = prompt_ids.shape[1]
 
     # Prefill; a DeepSeek drafter needs h^0 at every prompt slot, Medusa only at the last.
-    cache = preallocated_cache(engine.model.config, capacity=width + max_new * (depth + 1))
+    cache = preallocated_cache(decoder.model.config, capacity=width + max_new * (depth + 1))
     prompt_positions = position_ids_from_mask(prompt_mask)
     logits, hidden = _forward(
-        engine, cache, prompt_ids, prompt_mask, prompt_positions, heads.kind == "deepseek"
+        decoder, cache, prompt_ids, prompt_mask, prompt_positions, heads.kind == "deepseek"
     )
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -182,14 +201,14 @@ def generate_chunk_speculative(
     scale = params.temperature if params.temperature > 0 else 1.0
     first, _ = pick(logits[:, -1], params, generator)  # (R,) t_P
 
-    tokens = torch.full((rows, max_new), engine.pad_id, dtype=torch.long, device=device)
+    tokens = torch.full((rows, max_new), decoder.pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new), dtype=torch.float32, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(rows, device=device)
-    eos = torch.tensor(_eos_ids(engine.model, engine.tokenizer), dtype=torch.long, device=device)
-    stop_checker = StopChecker(engine.tokenizer, params.stop, rows) if params.stop else None
-    counts = engine._spec_counts
+    eos = torch.tensor(eos_ids(decoder.model, decoder.tokenizer), dtype=torch.long, device=device)
+    stop_checker = StopChecker(decoder.tokenizer, params.stop, rows) if params.stop else None
+    stats = decoder.stats
 
     def emit(new: Tensor, new_logp: Tensor, count: Tensor) -> Tensor:
         """Append the first count[r] of new[r] (A, S) to each active row, cut at EOS, stop
@@ -251,11 +270,11 @@ def generate_chunk_speculative(
         fed = torch.cat([next_token[:, None], drafts], dim=1)  # (A, S)
         slot_positions = positions[:, None] + steps  # (A, S)
         fed_mask = torch.cat([key_mask, key_mask.new_ones(fed.shape)], dim=1)
-        logits, hidden = _forward(engine, cache, fed, fed_mask, slot_positions, True)
+        logits, hidden = _forward(decoder, cache, fed, fed_mask, slot_positions, True)
         accepted, correction = accept(logits, drafts, draft_probs, params, generator)
-        counts["row_steps"] += len(accepted)
+        stats.row_steps += len(accepted)
         for k in range(depth):
-            counts["accepted"][k] += int((accepted > k).sum())
+            stats.accepted[k] += int((accepted > k).sum())
 
         # Emit d_1..d_a then c, with the main model's log-probs of each.
         rows_a = torch.arange(len(accepted), device=device)

@@ -91,3 +91,10 @@ def answers_match(pred: str | None, ref: str, rel_tol: float = 1e-6, abs_tol: fl
     if pred_value is not None and ref_value is not None:
         return math.isclose(pred_value, ref_value, rel_tol=rel_tol, abs_tol=abs_tol)
     return normalize_answer(str(pred)) == normalize_answer(str(ref))
+
+
+def is_correct(completion: str, reference) -> bool:
+    """Whether a completion's extracted final answer equals the reference (None never does)."""
+    if reference is None:
+        return False
+    return answers_match(extract_answer(completion), str(reference))

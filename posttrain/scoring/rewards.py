@@ -20,7 +20,11 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from posttrain.scoring.answers import answers_match, extract_answer
+import torch
+
+from posttrain.losses.grpo import overlong_penalty
+from posttrain.losses.kimi import kimi_length_penalty
+from posttrain.scoring.answers import answers_match, extract_answer, is_correct
 from posttrain.scoring.sandbox import code_output, make_code_output
 
 RewardFn = Callable[..., list[float]]
@@ -49,10 +53,6 @@ def _scalar(value, name: str, reward: str):
             )
         return value[0]
     return value
-
-
-def is_correct(completion: str, reference) -> bool:
-    return answers_match(extract_answer(completion), None if reference is None else str(reference))
 
 
 def accuracy(prompts: list, completions: list[str], **columns) -> list[float]:
@@ -100,15 +100,14 @@ def kimi_length(
         bounds = list(zip(starts, [*starts[1:], n], strict=True))
     else:
         raise ValueError("reward 'kimi_length' needs group_size (parameter or column) or group_ids")
-    rewards = [0.0] * n
-    for start, end in bounds:
-        low, high = min(lengths[start:end]), max(lengths[start:end])
-        if high == low:
-            continue  # no length signal in this group
-        for j in range(start, end):
-            lam = 0.5 - (lengths[j] - low) / (high - low)
-            rewards[j] = lam if is_correct(completions[j], answers[j]) else min(0.0, lam)
-    return rewards
+    correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answers, strict=True)])
+    lengths = torch.tensor(lengths, dtype=torch.float32)
+    rewards = torch.zeros(n)
+    for start, end in bounds:  # the penalty itself is losses/kimi.py's, one group at a time
+        rewards[start:end] = kimi_length_penalty(
+            lengths[start:end], correct[start:end], end - start
+        )
+    return rewards.tolist()
 
 
 def make_kimi_length(group_size: int | None = None) -> RewardFn:
@@ -143,16 +142,8 @@ def overlong(
         _scalar(max_length, "max_length", "overlong"),
         _scalar(cache_length, "cache_length", "overlong"),
     )
-    safe = max_length - cache_length
-    rewards = []
-    for length in _column(columns, "completion_lengths", "overlong"):
-        if length <= safe:
-            rewards.append(0.0)
-        elif length <= max_length:
-            rewards.append((safe - length) / cache_length)
-        else:
-            rewards.append(-1.0)
-    return rewards
+    lengths = torch.tensor(_column(columns, "completion_lengths", "overlong"), dtype=torch.float32)
+    return overlong_penalty(lengths, max_length, cache_length).tolist()  # losses/grpo.py's rule
 
 
 def make_overlong(max_length: int, cache_length: int) -> RewardFn:
