@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
@@ -36,7 +36,15 @@ from posttrain.algorithms.rl_common import (
     reference_logprobs,
     to_policy_batches,
 )
-from posttrain.config import BaseRecipe, ConfigError
+from posttrain.config import (
+    BaseRecipe,
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
 from posttrain.losses.grpo import group_advantages, grpo_policy_loss
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
@@ -47,21 +55,21 @@ from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, seque
 class GRPOConfig(OnlineRLSettings):
     loss_type: Literal["grpo", "dr_grpo", "dapo", "kimi"] = "grpo"
     """Aggregation of the clipped objective (spec section 7) or the Kimi k1.5 loss (section 8)."""
-    num_generations: int = 8
+    num_generations: Annotated[int, Range(ge=2)] = 8
     """G: completions sampled per prompt."""
-    prompts_per_step: int = 8
+    prompts_per_step: PositiveInt = 8
     """Prompts per rollout over all processes (must divide by the number of processes)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing."""
-    epsilon_low: float = 0.2
+    epsilon_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """Lower clip ε_low of the ratio."""
-    epsilon_high: float = 0.2
+    epsilon_high: NonNegativeFloat = 0.2
     """Upper clip ε_high (DAPO clip-higher: e.g. 0.28)."""
-    beta: float = 0.0
+    beta: NonNegativeFloat = 0.0
     """KL (k3) coefficient; the reference model is loaded only when β > 0."""
     reference: str = ""
     """Reference checkpoint for the KL term; empty: the starting policy."""
-    num_iterations: int = 1
+    num_iterations: PositiveInt = 1
     """Optimizer steps per rollout batch (μ); π_old log-probs are kept across them."""
     mask_truncated: bool = False
     """Exclude completions that hit max_new_tokens without EOS from the loss."""
@@ -70,13 +78,13 @@ class GRPOConfig(OnlineRLSettings):
     mask keeps them apart; exact). Needs sdpa attention and micro-batches of whole groups."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and refill from new prompts."""
-    max_refill_rounds: int = 3
+    max_refill_rounds: NonNegativeInt = 3
     """Extra generation rounds dynamic sampling may use per rollout."""
-    tau: float = 0.1
+    tau: PositiveFloat = 0.1
     """Kimi: τ, the strength of the relative-entropy regulariser."""
-    length_penalty_weight: float = 0.0
+    length_penalty_weight: NonNegativeFloat = 0.0
     """Kimi: final weight of the length reward (0: off)."""
-    length_penalty_warmup_steps: int = 0
+    length_penalty_warmup_steps: NonNegativeInt = 0
     """Kimi: steps over which the length-reward weight rises linearly from 0."""
     prioritized_sampling: bool = False
     """Kimi curriculum: draw prompts with probability ∝ (1 - success rate so far)."""
