@@ -58,20 +58,26 @@ def checkpoint_bytes(model_path: str, lora: bool) -> int:
 
 
 def check_remote_code(model_path: str, trust_remote_code: bool, key: str) -> None:
-    """Refuse, in one line, a local checkpoint that ships its own modelling or tokenizer code."""
+    """Refuse, in one line, a local checkpoint that only loads with its own code: an `auto_map`
+    in config.json and a model_type transformers does not know. (With a known model_type,
+    transformers ignores auto_map when trust_remote_code is off and loads its own class.)"""
     if trust_remote_code:
         return
-    path = Path(model_path)
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            meta = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            continue  # absent or unreadable: the loader reports it properly
-        if isinstance(meta, dict) and meta.get("auto_map"):
-            raise ModelError(
-                f"{key}={model_path} ships its own code (auto_map in {name}); it runs only with "
-                "model.trust_remote_code=true — set it if you trust the source"
-            )
+    try:
+        meta = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a local checkpoint, or unreadable: the loader reports it properly
+    if not isinstance(meta, dict) or not meta.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if meta.get("model_type") in CONFIG_MAPPING:
+        return
+    raise ModelError(
+        f"{key}={model_path} needs its own code (auto_map in config.json, model_type "
+        f"{meta.get('model_type')!r} unknown to transformers); it runs only with "
+        "model.trust_remote_code=true — set it if you trust the source"
+    )
 
 
 def check_extras(cfg) -> None:
