@@ -20,8 +20,6 @@ from types import SimpleNamespace
 import pytest
 from cli_helpers import REPO, sft_overrides
 
-from posttrain.errors import user_message
-
 
 def run_inprocess(*args, env: dict | None = None):
     """The typer app in this process; returns an object shaped like CompletedProcess."""
@@ -337,6 +335,8 @@ def test_posttrain_debug_shows_the_traceback(sft, tiny_model_dir, arithmetic_dir
 
 def test_only_foreseeable_errors_are_shortened():
     import errno
+
+    from posttrain.errors import user_message
 
     assert user_message(KeyError("bug")) is None  # a bug keeps its traceback
     assert user_message(RuntimeError("PytorchStreamWriter failed")) is None
