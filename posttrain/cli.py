@@ -169,7 +169,8 @@ def init_model_cmd(
     from posttrain.models.presets import count_parameters, init_model
 
     try:
-        path = init_model(out, preset, arch, seed)
+        with user_errors_exit():  # e.g. OUT is an existing file
+            path = init_model(out, preset, arch, seed)
     except ValueError as e:  # a bad preset or architecture name
         _fail(str(e))
     from transformers import AutoModelForCausalLM
@@ -189,7 +190,8 @@ def data_arithmetic_cmd(
     from posttrain.data.arithmetic import make_arithmetic
 
     try:
-        counts = make_arithmetic(out_dir, n=n, n_test=n_test, seed=seed)
+        with user_errors_exit():  # e.g. OUT_DIR is an existing file
+            counts = make_arithmetic(out_dir, n=n, n_test=n_test, seed=seed)
     except ValueError as e:
         _fail(str(e))
     typer.echo(json.dumps({"out_dir": str(out_dir), "files": counts}))
@@ -201,11 +203,11 @@ def eval_cmd(
     data: Annotated[
         str, typer.Argument(help="Rows with 'prompt' and 'answer' (e.g. rl_test.jsonl).")
     ],
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per answer.")] = 16,
     samples: Annotated[
-        int, typer.Option(help="K>1 adds pass@K with K samples at temperature 1.")
+        int, typer.Option(min=1, help="K>1 adds pass@K with K samples at temperature 1.")
     ] = 1,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code from the checkpoint.")

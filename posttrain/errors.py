@@ -8,7 +8,7 @@ Recognised:
 - the project's own error types (ConfigError, DataError, ModelError, ScoringError, UserError and
   its subclasses below), whose messages already name the key, file, row or function;
 - the environment failing a write: no space left (ENOSPC, EDQUOT), a file size limit (EFBIG),
-  no permission or a read-only file system — also when a library (safetensors, torch.save)
+  no permission or a read-only file system, a file where a directory is to be created — also when a library (safetensors, torch.save)
   wraps the OS error in its own exception type, which we recognise by its text;
 - an optional dependency that is not installed (`tensorboard`, `bitsandbytes`, ...);
 - transformers refusing a checkpoint's custom code without `trust_remote_code`.
@@ -97,6 +97,8 @@ def _write_failure(error: BaseException, output_dir: str | None) -> str | None:
             )
         if code in _NO_ACCESS:
             return f"cannot access {name}: {item.strerror}"
+        if code in (errno.EEXIST, errno.ENOTDIR):  # mkdir of an output directory
+            return f"cannot create the directory {name}: a file of that name is in the way"
     return None
 
 

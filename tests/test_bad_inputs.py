@@ -238,6 +238,17 @@ def test_output_dir_is_a_file(sft, tmp_path):
     check_error(sft(f"train.output_dir={target}/sub"), f"its parent {target}", "is a file")
 
 
+def test_other_commands_writing_into_a_file(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    check_error(run_inprocess("init-model", target), str(target), "a file of that name")
+    check_error(
+        run_inprocess("data", "arithmetic", target, "--n", "10", "--n-test", "5"),
+        str(target),
+        "a file of that name",
+    )
+
+
 def test_output_dir_not_writable(sft, tmp_path):
     if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses even root
         if not Path("/sys").is_dir():
