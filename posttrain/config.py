@@ -1,8 +1,10 @@
 """Typed configuration: nested dataclasses, YAML recipes, dotted `key=value` overrides.
 
 A recipe's keys are exactly the dataclass fields. Unknown keys and wrong types are errors that
-name the key (with its dotted path) and suggest the nearest valid one; the resolved config is
-written next to every run as `config.yaml`. Section classes shared by all trainers live here;
+name the key (with its dotted path) and suggest the nearest valid one. Every numeric field
+declares its valid range in its annotation (`Range`, or an alias such as `PositiveInt`), checked
+here when a value is read; `check_recipe` adds the rules that tie fields together. The resolved
+config is written next to every run as `config.yaml`. Section classes shared by all trainers live here;
 each algorithm adds its own section (see `posttrain/algorithms/`).
 """
 
