@@ -1,11 +1,14 @@
 """The `posttrain` command line (typer). Every trainer is `posttrain ALGO RECIPE.yaml [key=value ...]`.
 
-Errors in user input (recipes, data, model paths) print one line and exit with status 2;
-tracebacks are kept for bugs.
+The trainer commands are generated from the algorithm registry (posttrain.algorithms.ALGORITHMS).
+Errors in user input (recipes, data, model paths, reward code, the output directory) print one
+line and exit with status 2; tracebacks are kept for bugs, and shown for everything with
+POSTTRAIN_DEBUG=1 (see posttrain/errors.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,8 +16,33 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+
+class _RegistryGroup(TyperGroup):
+    """The top-level command group. The trainer commands come from the algorithm registry, which
+    imports torch and transformers (seconds), so they are added only when a command is looked up
+    that is not one of the light ones, or when the commands are listed (`--help`)."""
+
+    def _add_trainers(self) -> None:
+        if getattr(self, "_trainers_added", False):
+            return
+        self._trainers_added = True
+        trainers = typer.main.get_group(_trainer_app()).commands
+        self.commands = {**trainers, **self.commands}  # trainers first in --help
+
+    def list_commands(self, ctx):
+        self._add_trainers()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:
+            self._add_trainers()
+        return super().get_command(ctx, name)
+
 
 app = typer.Typer(
+    cls=_RegistryGroup,
     name="posttrain",
     help="LLM post-training: SFT, reward models, DPO, PPO, GRPO and Kimi k1.5 on one Accelerate loop.",
     no_args_is_help=True,
@@ -25,17 +53,27 @@ data_app = typer.Typer(help="Generate bundled data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
-def _user_errors() -> tuple[type, ...]:
-    from posttrain.config import ConfigError
-    from posttrain.data.loading import DataError
-    from posttrain.models.loading import ModelError
-
-    return (ConfigError, DataError, ModelError)
-
-
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def user_errors_exit(output_dir: str | None = None):
+    """The CLI's one error boundary: a foreseeable user error (see posttrain/errors.py) becomes
+    one line on stderr and exit status 2; anything else is a bug and keeps its traceback, as
+    does everything with POSTTRAIN_DEBUG=1."""
+    from posttrain.errors import debug_enabled, user_message
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort):  # already handled (an inner boundary's one line)
+        raise
+    except Exception as error:
+        message = None if debug_enabled() else user_message(error, output_dir)
+        if message is None:
+            raise
+        _fail(message)
 
 
 def _quiet_libraries() -> None:
@@ -46,10 +84,18 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _import_path_with_cwd() -> None:
+    """`module:function` rewards resolve against the working directory, as `python -m` would
+    (the console script puts only its own directory on sys.path)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -> dict:
-    """Load the recipe for algorithm `name`, train, return the last logged metrics."""
+    """Load the recipe for algorithm `name`, check it, train, return the last logged metrics."""
     from posttrain.algorithms import ALGORITHMS
-    from posttrain.config import load_recipe
+    from posttrain.config import ConfigError, load_recipe
+    from posttrain.preflight import preflight
     from posttrain.train.loop import train
 
     recipe_cls, algorithm_cls = ALGORITHMS[name]
@@ -57,10 +103,10 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
         overrides = [*overrides, "train.resume=true"]
     cfg = load_recipe(recipe_cls, recipe, overrides)
     if not cfg.model.name_or_path:
-        from posttrain.config import ConfigError
-
         raise ConfigError(f"{recipe}: model.name_or_path is required")
-    result = train(cfg, algorithm_cls(cfg))
+    preflight(cfg)
+    with user_errors_exit(cfg.train.output_dir):  # write failures name the output directory
+        result = train(cfg, algorithm_cls(cfg))
     return {
         "output_dir": str(result.output_dir),
         "final": str(result.final_dir),
@@ -68,7 +114,19 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
     }
 
 
-def _trainer_command(name: str, summary: str):
+# One-line help per trainer; a registered algorithm without an entry here still gets its command
+# (help from its recipe's docstring), so the command list always equals the registry.
+TRAINER_HELP = {
+    "sft": "Supervised fine-tuning on chats, prompt/completion pairs or text.",
+    "rm": "Train a scalar reward model (Bradley-Terry) on preference pairs.",
+    "dpo": "Preference optimisation: DPO, robust, hinge, IPO, SimPO.",
+    "grpo": "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss).",
+    "kimi": "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum).",
+    "ppo": "PPO actor-critic RLHF: a value-head critic, GAE, clipped losses, KL-penalised reward.",
+}
+
+
+def _trainer_command(trainers: typer.Typer, name: str, summary: str) -> None:
     def command(
         recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).")],
         overrides: Annotated[
@@ -79,27 +137,24 @@ def _trainer_command(name: str, summary: str):
         ] = False,
     ) -> None:
         _quiet_libraries()
-        try:
+        _import_path_with_cwd()
+        with user_errors_exit():
             run_algorithm(name, recipe, overrides or [], resume)
-        except _user_errors() as e:
-            _fail(str(e))
 
     command.__doc__ = summary
-    app.command(name, help=summary)(command)
+    trainers.command(name, help=summary)(command)
 
 
-_trainer_command("sft", "Supervised fine-tuning on chats, prompt/completion pairs or text.")
-_trainer_command("rm", "Train a scalar reward model (Bradley-Terry) on preference pairs.")
-_trainer_command("dpo", "Preference optimisation: DPO, robust, hinge, IPO, SimPO.")
-_trainer_command(
-    "grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss)."
-)
-_trainer_command(
-    "kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum)."
-)
-_trainer_command(
-    "ppo", "PPO actor-critic RLHF: a value-head critic, GAE, clipped losses, KL-penalised reward."
-)
+def _trainer_app() -> typer.Typer:
+    """One command per registered algorithm, all with the same arguments and behaviour."""
+    from posttrain.algorithms import ALGORITHMS
+
+    trainers = typer.Typer()
+    for name, (recipe_cls, _) in ALGORITHMS.items():
+        doc = (recipe_cls.__doc__ or "").strip().splitlines()
+        summary = TRAINER_HELP.get(name) or (doc[0] if doc else f"Train with {name}.")
+        _trainer_command(trainers, name, summary)
+    return trainers
 
 
 @app.command("init-model")
@@ -114,8 +169,9 @@ def init_model_cmd(
     from posttrain.models.presets import count_parameters, init_model
 
     try:
-        path = init_model(out, preset, arch, seed)
-    except ValueError as e:
+        with user_errors_exit():  # e.g. OUT is an existing file
+            path = init_model(out, preset, arch, seed)
+    except ValueError as e:  # a bad preset or architecture name
         _fail(str(e))
     from transformers import AutoModelForCausalLM
 
@@ -134,7 +190,8 @@ def data_arithmetic_cmd(
     from posttrain.data.arithmetic import make_arithmetic
 
     try:
-        counts = make_arithmetic(out_dir, n=n, n_test=n_test, seed=seed)
+        with user_errors_exit():  # e.g. OUT_DIR is an existing file
+            counts = make_arithmetic(out_dir, n=n, n_test=n_test, seed=seed)
     except ValueError as e:
         _fail(str(e))
     typer.echo(json.dumps({"out_dir": str(out_dir), "files": counts}))
@@ -146,11 +203,11 @@ def eval_cmd(
     data: Annotated[
         str, typer.Argument(help="Rows with 'prompt' and 'answer' (e.g. rl_test.jsonl).")
     ],
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per answer.")] = 16,
     samples: Annotated[
-        int, typer.Option(help="K>1 adds pass@K with K samples at temperature 1.")
+        int, typer.Option(min=1, help="K>1 adds pass@K with K samples at temperature 1.")
     ] = 1,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code from the checkpoint.")
@@ -160,12 +217,10 @@ def eval_cmd(
     _quiet_libraries()
     from posttrain.evaluation import evaluate_model
 
-    try:
+    with user_errors_exit():
         result = evaluate_model(
             model_dir, data, max_new_tokens, samples, limit, seed, trust_remote_code
         )
-    except _user_errors() as e:
-        _fail(str(e))
     typer.echo(json.dumps(result))
 
 
@@ -180,10 +235,8 @@ def merge_cmd(
     _quiet_libraries()
     from posttrain.models.merge import merge_adapter
 
-    try:
+    with user_errors_exit():
         merge_adapter(adapter_dir, out)
-    except _user_errors() as e:
-        _fail(str(e))
     typer.echo(json.dumps({"merged": str(out)}))
 
 
@@ -199,10 +252,8 @@ def demo_cmd(
     _quiet_libraries()
     from posttrain.demo import run_demo
 
-    try:
+    with user_errors_exit():
         run_demo(out, [s.strip() for s in stages.split(",") if s.strip()], threads)
-    except _user_errors() as e:
-        _fail(str(e))
 
 
 def main() -> None:

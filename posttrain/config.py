@@ -1,8 +1,10 @@
 """Typed configuration: nested dataclasses, YAML recipes, dotted `key=value` overrides.
 
 A recipe's keys are exactly the dataclass fields. Unknown keys and wrong types are errors that
-name the key (with its dotted path) and suggest the nearest valid one; the resolved config is
-written next to every run as `config.yaml`. Section classes shared by all trainers live here;
+name the key (with its dotted path) and suggest the nearest valid one. Every numeric field
+declares its valid range in its annotation (`Range`, or an alias such as `PositiveInt`), checked
+here when a value is read; `check_recipe` adds the rules that tie fields together. The resolved
+config is written next to every run as `config.yaml`. Section classes shared by all trainers live here;
 each algorithm adds its own section (see `posttrain/algorithms/`).
 """
 
@@ -10,17 +12,65 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema; the message says where."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric field, declared in its annotation:
+
+        batch_size: Annotated[int, Range(ge=1)] = 8      (or the alias PositiveInt)
+
+    `from_dict` checks every value against it, so a bad number is a load-time error that names
+    the key, the value and the range instead of a ZeroDivisionError deep in training. Floats are
+    also required to be finite. `Range()` declares "any finite number" explicitly."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        parts = [
+            f"{op} {bound:g}"
+            for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if bound is not None
+        ]
+        return " and ".join(parts) if parts else "finite"
+
+    def check(self, value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} is out of range: it must be a finite number")
+        ok = (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        if not ok:
+            raise ConfigError(f"{where}={value!r} is out of range: it must be {self.describe()}")
+
+
+# The common ranges by name (use Annotated[float, Range(...)] for any other).
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+"""A probability-like number in [0, 1]."""
+AnyFloat = Annotated[float, Range()]
+"""Any finite number (declared, so that every numeric field states its range)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,11 +80,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
-    r: int = 0
+    r: NonNegativeInt = 0
     """LoRA rank; 0 disables LoRA (full fine-tuning)."""
-    alpha: float = 16.0
+    alpha: PositiveFloat = 16.0
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the LoRA branch."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or "all-linear" for every linear layer of the blocks."""
@@ -46,15 +96,15 @@ class LoraConfig:
 class MoEConfig:
     """Router training of mixture-of-experts models (spec §10; no-op for dense models)."""
 
-    aux_loss_coef: float = 0.001
+    aux_loss_coef: NonNegativeFloat = 0.001
     """Load-balancing loss weight (Switch); 0.001 is transformers' Qwen-MoE/Mixtral default."""
     aux_loss_impl: Literal["model", "posttrain"] = "model"
     """'model': the architecture's own load_balancing_loss_func; 'posttrain': losses/moe.py."""
-    z_loss_coef: float = 0.0
+    z_loss_coef: NonNegativeFloat = 0.0
     """Router z-loss weight (ST-MoE), mean over tokens of logsumexp(router logits)^2."""
     freeze_router: bool = False
     """Keep the router (gate) weights fixed: requires_grad=False on load."""
-    aux_free_bias_gamma: float = 0.0
+    aux_free_bias_gamma: NonNegativeFloat = 0.0
     """DeepSeek-V3 aux-loss-free balancing: per-expert selection-bias step; 0 disables it."""
 
 
@@ -62,9 +112,9 @@ class MoEConfig:
 class MTPConfig:
     kind: Literal["none", "deepseek", "medusa"] = "none"
     """Multi-token prediction heads (spec section 11): none, DeepSeek-V3 modules or Medusa heads."""
-    depth: int = 2
+    depth: PositiveInt = 2
     """K, the number of extra heads; head k predicts the token k+1 positions ahead."""
-    weight: float = 0.3
+    weight: NonNegativeFloat = 0.3
     """lambda: L = CE + (lambda / K) * sum_k CE_k."""
     freeze_base: bool = False
     """Train only the heads (the base model's parameters get no gradient)."""
@@ -98,32 +148,32 @@ class DataConfig:
     """Optional held-out data in the same format, for eval loss."""
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     """Row format; auto picks from the columns present."""
-    max_length: int = 512
+    max_length: Annotated[int, Range(ge=2)] = 512
     """Tokens per example; longer examples are truncated and counted."""
     packing: bool = False
     """Padding-free rows. sft: examples concatenated with per-example position_ids. rm, dpo:
     each pair laid out once with its prompt shared by both answers (needs sdpa attention)."""
-    max_eval_examples: int = 512
+    max_eval_examples: PositiveInt = 512
     """Cap on eval rows used for eval loss."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """Decoupled (AdamW) weight decay for weight matrices; biases and norms never decay."""
     decay_embeddings: bool = False
     """Also apply weight decay to embedding matrices."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[Annotated[float, Range(ge=0, lt=1)]] = field(default_factory=lambda: [0.9, 0.999])
     """Adam beta1, beta2."""
-    eps: float = 1e-8
+    eps: PositiveFloat = 1e-8
     """Adam epsilon."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up steps (optimizer steps)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegativeFloat = 1.0
     """Clip gradients to this global norm; 0 disables clipping."""
     fused: bool = True
     """Use the fused/foreach AdamW kernel where the device supports it."""
@@ -133,25 +183,25 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     """Where checkpoints, metrics.jsonl, config.yaml and final/ are written."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed for initialisation, data order and sampling."""
-    max_steps: int = 100
+    max_steps: PositiveInt = 100
     """Optimizer steps to run."""
-    batch_size: int = 8
+    batch_size: PositiveInt = 8
     """Examples per micro-batch per process."""
-    grad_accum: int = 1
+    grad_accum: PositiveInt = 1
     """Micro-batches accumulated per optimizer step."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast dtype through Accelerate; fp16 uses dynamic loss scaling (CUDA only)."""
-    save_every: int = 0
+    save_every: NonNegativeInt = 0
     """Checkpoint every N optimizer steps; 0 saves only at the end."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: PositiveInt = 2
     """How many recent checkpoints to keep."""
-    eval_every: int = 0
+    eval_every: NonNegativeInt = 0
     """Evaluate every N steps (0: only at the end when eval data is given)."""
     resume: bool = False
     """Continue from the latest complete checkpoint in output_dir."""
-    num_threads: int = 0
+    num_threads: NonNegativeInt = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""
     sharding: Literal["auto", "none", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
     """Parameter/gradient/optimizer sharding: auto follows the `accelerate launch` config; fsdp2
@@ -162,7 +212,7 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Write metrics every N optimizer steps."""
     progress: bool = True
     """Show a rich progress bar on rank 0."""
@@ -197,6 +247,13 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:  # a declared range: coerce to the base type, then check it
+        base, *extras = typing.get_args(tp)
+        value = _coerce(value, base, where)
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(value, where)
+        return value
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arm in typing.get_args(tp):
@@ -267,7 +324,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
     if not where:
         check_moved_keys(cls, data)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -346,6 +403,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`:LINE:COL: not valid YAML: problem (context)` on one line (PyYAML's own text spreads the
+    position over several lines, after the message)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -353,7 +420,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}{_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -363,14 +430,42 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def check_recipe(cfg: Any) -> None:
+    """Rules that tie fields together (each field's own range is checked by from_dict).
+
+    Sections are found by name, so one function covers every trainer's recipe; rules that
+    depend on the number of processes stay with the algorithm (they are known only at launch)."""
+    betas = cfg.optim.betas
+    if len(betas) != 2:
+        raise ConfigError(f"optim.betas={betas!r} must hold exactly two numbers (beta1, beta2)")
+    micro, accum = cfg.train.batch_size, cfg.train.grad_accum
+    grpo = getattr(cfg, "grpo", None)
+    if grpo is not None and grpo.loss_type == "kimi" and micro % grpo.num_generations:
+        raise ConfigError(
+            f"train.batch_size={micro} must be a multiple of grpo.num_generations="
+            f"{grpo.num_generations} with loss_type kimi (each micro-batch holds whole groups)"
+        )
+    ppo = getattr(cfg, "ppo", None)
+    if ppo is not None:
+        rows = ppo.prompts_per_rollout * ppo.samples_per_prompt
+        if rows % (micro * accum):
+            raise ConfigError(
+                f"ppo.prompts_per_rollout × ppo.samples_per_prompt = {rows} sequences per rollout "
+                f"must divide into minibatches of train.batch_size × train.grad_accum = "
+                f"{micro} × {accum}"
+            )
+
+
 def load_recipe(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
-    """Read a YAML recipe, apply dotted overrides, and build the typed config."""
+    """Read a YAML recipe, apply dotted overrides, build the typed config and check it."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     try:
-        return from_dict(cls, data)
+        cfg = from_dict(cls, data)
+        check_recipe(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return cfg
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from posttrain.algorithms.group_rl import group_spread
 from posttrain.algorithms.rl_common import process_share
+from posttrain.config import NonNegativeInt
 from posttrain.rollout import RolloutBatch
 
 
@@ -22,7 +23,7 @@ from posttrain.rollout import RolloutBatch
 class DAPOConfig:
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal and refill from new prompts."""
-    max_refill_rounds: int = 3
+    max_refill_rounds: NonNegativeInt = 3
     """Extra generation rounds dynamic sampling may use per rollout."""
 
 

@@ -12,7 +12,7 @@ SimPO is reference-free and loads none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 
 from posttrain.algorithms.base import OfflineAlgorithm, process_batches
 from posttrain.algorithms.rl_common import load_reference
-from posttrain.config import BaseRecipe
+from posttrain.config import BaseRecipe, NonNegativeFloat, PositiveFloat, Range
 from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
@@ -37,11 +37,11 @@ from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 class DPOConfig:
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = "sigmoid"
     """Which preference loss (spec section 5)."""
-    beta: float = 0.1
+    beta: PositiveFloat = 0.1
     """Inverse temperature β of the implicit reward."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
     """ε of the robust (cDPO) loss: the assumed fraction of flipped labels."""
-    gamma: float = 0.5
+    gamma: NonNegativeFloat = 0.5
     """SimPO target reward margin γ."""
     precompute_ref_logps: bool = False
     """Compute reference log-probs once before training; no reference forward while training."""

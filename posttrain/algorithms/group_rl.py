@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from accelerate import Accelerator
@@ -37,7 +38,7 @@ from posttrain.algorithms.rl_common import (
     reference_logprobs,
     to_policy_batches,
 )
-from posttrain.config import ConfigError, reject_unused
+from posttrain.config import ConfigError, PositiveInt, Range, reject_unused
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
 
@@ -45,11 +46,11 @@ from posttrain.rollout import SamplingParams, sequence_logprobs
 class GroupRolloutSettings(OnlineRLSettings):
     """Settings of every group-rollout trainer (the `grpo:` and `kimi:` sections)."""
 
-    num_generations: int = 8
+    num_generations: Annotated[int, Range(ge=2)] = 8
     """G: completions sampled per prompt."""
-    prompts_per_step: int = 8
+    prompts_per_step: PositiveInt = 8
     """Prompts per rollout over all processes (must divide by the number of processes)."""
-    num_iterations: int = 1
+    num_iterations: PositiveInt = 1
     """Optimizer steps per rollout batch (μ); π_old log-probs are kept across them."""
     mask_truncated: bool = False
     """Exclude completions that hit max_new_tokens without EOS from the loss."""

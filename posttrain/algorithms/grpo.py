@@ -12,7 +12,7 @@ scale_rewards says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType, gather_object
 from posttrain.algorithms.dapo import DAPOConfig, dynamic_sampling
 from posttrain.algorithms.group_rl import GroupRL, GroupRolloutSettings
 from posttrain.algorithms.rl_common import load_reference
-from posttrain.config import BaseRecipe, ConfigError
+from posttrain.config import BaseRecipe, ConfigError, NonNegativeFloat, Range
 from posttrain.losses.grpo import POLICY_LOSSES, group_advantages
 from posttrain.losses.types import LossOutput
 
@@ -32,11 +32,11 @@ class GRPOConfig(GroupRolloutSettings):
     """Aggregation of the clipped objective (spec section 7); Kimi is `posttrain kimi`."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing."""
-    epsilon_low: float = 0.2
+    epsilon_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """Lower clip ε_low of the ratio."""
-    epsilon_high: float = 0.2
+    epsilon_high: NonNegativeFloat = 0.2
     """Upper clip ε_high (DAPO clip-higher: e.g. 0.28)."""
-    beta: float = 0.0
+    beta: NonNegativeFloat = 0.0
     """KL (k3) coefficient; the reference model is loaded only when β > 0."""
     reference: str = ""
     """Reference checkpoint for the KL term; empty: the starting policy."""

@@ -20,18 +20,24 @@ from accelerate.utils import gather_object
 
 from posttrain.algorithms.group_rl import GroupRL, GroupRolloutSettings
 from posttrain.algorithms.rl_common import PrioritizedSampler, RewardFunctionConfig
-from posttrain.config import BaseRecipe, ConfigError
+from posttrain.config import (
+    BaseRecipe,
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+)
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
 
 
 @dataclass
 class KimiConfig(GroupRolloutSettings):
-    tau: float = 0.1
+    tau: PositiveFloat = 0.1
     """τ, the strength of the relative-entropy regulariser."""
-    length_penalty_weight: float = 0.0
+    length_penalty_weight: NonNegativeFloat = 0.0
     """Final weight of the length reward (0: off)."""
-    length_penalty_warmup_steps: int = 0
+    length_penalty_warmup_steps: NonNegativeInt = 0
     """Steps over which the length-reward weight rises linearly from 0."""
     prioritized_sampling: bool = False
     """Curriculum: draw prompts with probability ∝ (1 - success rate so far)."""

@@ -73,7 +73,15 @@ from posttrain.algorithms.rl_common import (
     reduce_means,
     reference_logprobs,
 )
-from posttrain.config import BaseRecipe, ConfigError, reject_unused
+from posttrain.config import (
+    BaseRecipe,
+    ConfigError,
+    Fraction,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    reject_unused,
+)
 from posttrain.losses.common import masked_sum
 from posttrain.losses.ppo import (
     AdaptiveKLController,
@@ -88,11 +96,11 @@ from posttrain.rollout import SamplingParams, sequence_logprobs
 
 @dataclass
 class PPOConfig(OnlineRLSettings):
-    prompts_per_rollout: int = 64
+    prompts_per_rollout: PositiveInt = 64
     """Prompts per rollout over all processes (must divide by the number of processes)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: PositiveInt = 1
     """Completions sampled per prompt."""
-    ppo_epochs: int = 4
+    ppo_epochs: PositiveInt = 4
     """Passes over each rollout; one optimizer step per minibatch of batch_size × grad_accum rows."""
     normalize_scores: bool = False
     """Standardise scores with the running mean/std of every score so far (kept in checkpoints)."""
@@ -100,33 +108,33 @@ class PPOConfig(OnlineRLSettings):
     """Per-token KL estimate in the reward: k1 = log π_old - log π_ref, or k3."""
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     """Keep β constant, or adapt it toward target_kl (Ziegler et al. 2019)."""
-    init_kl_coef: float = 0.05
+    init_kl_coef: NonNegativeFloat = 0.05
     """β, the KL penalty coefficient (its start value when adaptive); 0 with fixed: no reference."""
-    target_kl: float = 6.0
+    target_kl: PositiveFloat = 6.0
     """Adaptive control: target per-sequence KL (nats)."""
-    kl_horizon: float = 10000.0
+    kl_horizon: PositiveFloat = 10000.0
     """Adaptive control: horizon in sequences (smaller reacts faster)."""
     reference: str = ""
     """Reference checkpoint for the KL penalty; empty: the starting policy."""
-    gamma: float = 1.0
+    gamma: Fraction = 1.0
     """GAE discount γ."""
-    lam: float = 0.95
+    lam: Fraction = 0.95
     """GAE λ."""
     whiten_advantages: bool = True
     """Standardise advantages over the rollout batch (all processes)."""
-    clip_range: float = 0.2
+    clip_range: PositiveFloat = 0.2
     """Policy ratio clip ε."""
-    clip_range_value: float = 0.2
+    clip_range_value: PositiveFloat = 0.2
     """Value clip ε_v around V_old."""
-    vf_coef: float = 0.1
+    vf_coef: NonNegativeFloat = 0.1
     """Weight of the value loss in the total."""
-    entropy_coef: float = 0.0
+    entropy_coef: NonNegativeFloat = 0.0
     """Entropy bonus weight (0: entropy is only logged)."""
-    max_approx_kl: float = 0.0
+    max_approx_kl: NonNegativeFloat = 0.0
     """Skip the rest of a rollout once a step's approx KL to π_old exceeds this (0: never)."""
     critic_init: str = "policy"
     """Critic backbone and head: reward (the reward_model reward's path), policy, or a PATH."""
-    critic_lr: float = 1e-5
+    critic_lr: PositiveFloat = 1e-5
     """Peak learning rate of the critic's AdamW (same schedule and weight decay as optim)."""
 
 

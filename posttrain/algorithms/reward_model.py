@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
-from posttrain.config import BaseRecipe
+from posttrain.config import BaseRecipe, NonNegativeFloat
 from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
@@ -31,7 +31,7 @@ from posttrain.utils import unwrap_model
 class RewardConfig:
     use_margin: bool = True
     """Use the data's `margin` column (when present) in the loss: -log σ(r_w - r_l - m)."""
-    centering_coef: float = 0.0
+    centering_coef: NonNegativeFloat = 0.0
     """Coefficient c of the centring term c·(r_w + r_l)² that keeps rewards near zero."""
 
 

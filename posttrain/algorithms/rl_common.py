@@ -10,10 +10,18 @@ group statistics never need a collective; batch-wide statistics are gathered.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from accelerate import Accelerator
 
+from posttrain.config import (
+    AnyFloat,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Range,
+)
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.loading import DataError, load_rows, require_columns
 from posttrain.evaluation import accuracy_of
@@ -28,7 +36,7 @@ class RewardFunctionConfig:
     name: str = "accuracy"
     """A built-in reward (accuracy, format, kimi_length, overlong, digit_overlap, code_output,
     reward_model) or `module:function` for user code."""
-    weight: float = 1.0
+    weight: AnyFloat = 1.0
     """Weight of this function in the summed reward."""
     params: dict = field(default_factory=dict)
     """Keyword arguments for the function's factory (e.g. path for reward_model)."""
@@ -39,22 +47,23 @@ class OnlineRLSettings:
     """Sampling and scoring settings every online trainer shares (GRPO, Kimi, PPO inherit them,
     so their recipe keys stay flat: `grpo.temperature`, `ppo.temperature`)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: PositiveInt = 32
     """Generation budget per completion (L_max for dr_grpo)."""
-    temperature: float = 1.0
+    temperature: NonNegativeFloat = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
     """Nucleus sampling threshold."""
-    top_k: int = 0
+    top_k: NonNegativeInt = 0
     """Top-k sampling (0: off)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings besides EOS."""
     rewards: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
     """Reward functions and weights (e.g. reward_model with params {path: ...})."""
-    failure_reward: float = 0.0
+    failure_reward: AnyFloat = 0.0
     """Reward given to samples whose reward function raised, timed out or returned NaN."""
-    reward_timeout_s: float = 0.0
-    """Per-call timeout for reward functions (0: none)."""
+    reward_timeout_s: NonNegativeFloat = 60.0
+    """Seconds one call of a reward function may take; a call still running then is abandoned
+    and its samples score failure_reward (counted as rewards/NAME/timeouts). 0: no limit."""
 
 
 def load_policy_and_prompts(cfg) -> tuple:

@@ -16,12 +16,14 @@ built-in (`group_size`, `max_length`, ...) can also arrive as a column of the sa
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.losses.grpo import overlong_penalty
 from posttrain.losses.kimi import kimi_length_penalty
 from posttrain.scoring.answers import answers_match, extract_answer, is_correct
@@ -208,21 +210,33 @@ REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+class RewardError(UserError, ValueError):
+    """A reward named in a recipe that cannot be built: unknown name, import failure, bad params."""
+
+
 def _import_reward(path: str) -> RewardFn:
+    """`module:function`, the module found on sys.path (the CLI adds the working directory)."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"reward {path!r}: expected 'module:function'")
+        raise RewardError(f"reward {path!r}: expected 'module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"reward {path!r}: cannot import module {module_name!r} ({error})"
+    except Exception as error:  # missing module, or user code failing at import (SyntaxError...)
+        raise RewardError(
+            f"reward {path!r}: cannot import module {module_name!r} "
+            f"({type(error).__name__}: {error}; searched the working directory {os.getcwd()} "
+            "and the installed packages)"
         ) from error
     fn = getattr(module, attribute, None)
     if fn is None:
-        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attribute!r}")
+        raise RewardError(
+            f"reward {path!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+            f"has no attribute {attribute!r}"
+        )
     if not callable(fn):
-        raise ValueError(f"reward {path!r}: {attribute!r} is a {type(fn).__name__}, not a callable")
+        raise RewardError(
+            f"reward {path!r}: {attribute!r} is a {type(fn).__name__}, not a callable"
+        )
     return fn
 
 
@@ -234,17 +248,26 @@ def resolve_reward(name: str, **params) -> RewardFn:
     `module:function` with params calls `function(**params)` as a factory."""
     if ":" in name:
         fn = _import_reward(name)
-        return fn(**params) if params else fn
+        if not params:
+            return fn
+        try:
+            return fn(**params)
+        except TypeError as error:
+            raise RewardError(
+                f"reward {name!r}: bad parameters {sorted(params)} ({error})"
+            ) from error
     if name in REWARD_FACTORIES:  # no params: the default (overlong, reward_model need some)
         try:
             return REWARD_FACTORIES[name](**params)
-        except (TypeError, re.error) as error:
-            raise ValueError(
+        except (TypeError, ValueError, re.error) as error:
+            if isinstance(error, UserError):
+                raise
+            raise RewardError(
                 f"reward {name!r}: bad parameters {sorted(params)} ({error})"
             ) from error
     if name in BUILTIN_REWARDS:
         if params:
-            raise ValueError(f"reward {name!r} takes no parameters, got {sorted(params)}")
+            raise RewardError(f"reward {name!r} takes no parameters, got {sorted(params)}")
         return BUILTIN_REWARDS[name]
     known = sorted({*BUILTIN_REWARDS, *REWARD_FACTORIES})
-    raise ValueError(f"unknown reward {name!r}: expected one of {known} or 'module:function'")
+    raise RewardError(f"unknown reward {name!r}: expected one of {known} or 'module:function'")

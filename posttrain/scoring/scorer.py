@@ -8,7 +8,8 @@ rewards.py), calls every function on the whole batch and returns
 with each function's scores and metrics. Failure handling (spec §9):
 - a function that raises: every sample it scores gets `failure_reward`; the exception is
   logged once per failed call, with the function's name (the traceback the first time);
-- a function that runs past `timeout_s`: the same, for that call;
+- a function that runs past `timeout_s` (default 60 s per call in the recipes): the same, for
+  that call, counted separately as `rewards/NAME/timeouts`;
 - a score that is None, NaN, ±inf or not a number: that sample alone gets `failure_reward`;
 - returning a different number of scores than samples is a programming error, not a flaky
   verifier, so it raises `ScoringError` naming the function and both counts.
@@ -16,8 +17,11 @@ A sample's failures are counted per function in the metrics.
 
 Timeout limitation: Python cannot kill a thread. A timed call runs in a daemon thread that is
 abandoned when the timeout passes; it keeps running in the background (using CPU and possibly
-holding the GIL) until it returns by itself, and its result is ignored. Rewards that run
-untrusted or unbounded work should run it in a subprocess (see sandbox.py), which can be killed.
+holding the GIL) until it returns by itself, and its result is ignored. While a function has
+MAX_ABANDONED such calls still running, its next calls count as timeouts at once instead of
+starting yet another thread (a function that hangs every time would otherwise pile them up).
+Rewards that run untrusted or unbounded work should run it in a subprocess (see sandbox.py),
+which can be killed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ class ScoringError(RuntimeError):
 
 class _Failed(Exception):
     """Internal: a call that raised or timed out; all its samples fail."""
+
+
+class _TimedOut(_Failed):
+    """Internal: a call still running after timeout_s (abandoned)."""
+
+
+MAX_ABANDONED = 4
+"""Timed-out calls of one function that may still run in the background (see above)."""
 
 
 @dataclass
@@ -81,8 +93,11 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), values.std(correction=0).item()
 
 
-def _call_with_timeout(fn: Callable, timeout_s: float | None, args: tuple, kwargs: dict):
-    """fn(*args, **kwargs), raising _Failed when it raises or outlives timeout_s."""
+def _call_with_timeout(
+    fn: Callable, timeout_s: float | None, args: tuple, kwargs: dict, abandoned: list
+):
+    """fn(*args, **kwargs), raising _Failed when it raises and _TimedOut when it outlives
+    timeout_s. `abandoned` holds this function's timed-out threads (pruned here)."""
     if timeout_s is None:
         try:
             return fn(*args, **kwargs)
@@ -96,11 +111,15 @@ def _call_with_timeout(fn: Callable, timeout_s: float | None, args: tuple, kwarg
         except BaseException as error:  # reported to the caller, not lost in the thread
             box["error"] = error
 
+    abandoned[:] = [t for t in abandoned if t.is_alive()]
+    if len(abandoned) >= MAX_ABANDONED:
+        raise _TimedOut(TimeoutError(f"{len(abandoned)} earlier timed-out calls are still running"))
     worker = threading.Thread(target=target, name="posttrain-reward", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():  # abandoned; see the module docstring
-        raise _Failed(TimeoutError(f"no result after {timeout_s} s"))
+        abandoned.append(worker)
+        raise _TimedOut(TimeoutError(f"no result after {timeout_s} s"))
     if "error" in box:
         raise _Failed(box["error"]) from box["error"]
     return box["value"]
@@ -143,17 +162,24 @@ class Scorer:
             for spec in specs
         }
         self._logged_traceback: set[str] = set()
+        self._abandoned: dict[str, list[threading.Thread]] = {name: [] for name in names}
 
     def _score_one(self, name: str, prompts: list, completions: list[str], columns: dict):
-        """(scores (N,), failed (N,) bool) of one function; ScoringError on a wrong count."""
+        """(scores (N,), failed (N,) bool, timed out) of one function; ScoringError on a wrong
+        count."""
         n = len(completions)
         try:
             raw = _call_with_timeout(
-                self.functions[name], self.timeout_s, (prompts, completions), columns
+                self.functions[name],
+                self.timeout_s,
+                (prompts, completions),
+                columns,
+                self._abandoned[name],
             )
         except _Failed as failure:
             error = failure.__cause__ or failure.args[0]
-            first = name not in self._logged_traceback
+            timed_out = isinstance(failure, _TimedOut)
+            first = name not in self._logged_traceback and not timed_out
             self._logged_traceback.add(name)
             logger.warning(
                 "reward function %r failed on a batch of %d samples, which get failure_reward=%s: %r",
@@ -163,7 +189,8 @@ class Scorer:
                 error,
                 exc_info=error if first else None,
             )
-            return torch.full((n,), self.failure_reward), torch.ones(n, dtype=torch.bool)
+            failed = torch.ones(n, dtype=torch.bool)
+            return torch.full((n,), self.failure_reward), failed, timed_out
         if isinstance(raw, torch.Tensor):
             raw = raw.reshape(-1).tolist()
         if raw is None or isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
@@ -186,7 +213,7 @@ class Scorer:
                 int(failed.sum()),
                 n,
             )
-        return scores, failed
+        return scores, failed, False
 
     def __call__(
         self,
@@ -210,8 +237,9 @@ class Scorer:
         columns["truncated"] = _as_list(truncated) if truncated is not None else [False] * n
         rewards = torch.zeros(n, dtype=torch.float32)
         per_function, failures, metrics = {}, {}, {}
+        timeouts = 0
         for spec in self.specs:
-            scores, failed = self._score_one(
+            scores, failed, timed_out = self._score_one(
                 spec.name, list(prompts), list(completions), dict(columns)
             )
             per_function[spec.name], failures[spec.name] = scores, failed
@@ -220,8 +248,11 @@ class Scorer:
             metrics[f"rewards/{spec.name}/mean"] = mean
             metrics[f"rewards/{spec.name}/std"] = std
             metrics[f"rewards/{spec.name}/failures"] = float(failed.sum())
+            metrics[f"rewards/{spec.name}/timeouts"] = float(n if timed_out else 0)
+            timeouts += n if timed_out else 0
         metrics["rewards/mean"], metrics["rewards/std"] = _mean_std(rewards)
         metrics["scoring/failures"] = float(sum(f.sum().item() for f in failures.values()))
+        metrics["scoring/timeouts"] = float(timeouts)
         return ScoreResult(
             rewards=rewards, per_function=per_function, failures=failures, metrics=metrics
         )
