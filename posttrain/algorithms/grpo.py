@@ -40,6 +40,7 @@ from posttrain.config import BaseRecipe, ConfigError
 from posttrain.losses.grpo import group_advantages, grpo_policy_loss
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
+from posttrain.models.attention_support import fast_path
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
 
 
@@ -119,7 +120,7 @@ class GRPO(Algorithm):
         self.buffer: list = []
         self.rollout_metrics: dict = {}
         self.rollouts_done = 0
-        shared = g.share_prompt_forward and cfg.model.attn_implementation == "sdpa"
+        shared = g.share_prompt_forward and fast_path(model, "custom_mask", accelerator.print)
         self.group_size = g.num_generations if shared else 1
         return model
 

@@ -3,6 +3,7 @@ normalised by the number of target tokens in the global batch, optionally paddin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,13 @@ from posttrain.data.loading import DataError, load_rows
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
+from posttrain.models.attention_support import (
+    block_mask_from_positions,
+    fast_path,
+    model_mask,
+    profile,
+    sft_packing,
+)
 from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
@@ -92,6 +100,11 @@ class SFT(OfflineAlgorithm):
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
+        # Padding-free rows need the model to mask them (attention_support.sft_packing).
+        self.attention = profile(model)
+        self.pack_mode = sft_packing(self.attention)[0] if cfg.data.packing else "padded"
+        if cfg.data.packing:
+            fast_path(model, "sft_packing", accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
         if cfg.model.mtp.kind != "none":
@@ -122,9 +135,14 @@ class SFT(OfflineAlgorithm):
         return model
 
     def collate(self, examples: list[EncodedExample]):
-        if self.cfg.data.packing:
-            return pack_collate(examples, self.tokenizer.pad_token_id, self.cfg.data.max_length)
-        return pad_collate(examples, self.tokenizer.pad_token_id)
+        if self.pack_mode == "padded":
+            return pad_collate(examples, self.tokenizer.pad_token_id)
+        batch = pack_collate(examples, self.tokenizer.pad_token_id, self.cfg.data.max_length)
+        if self.pack_mode == "block_mask":  # the model ignores restarting position_ids
+            allowed = block_mask_from_positions(batch.position_ids)
+            mask = model_mask(self.attention, allowed, batch.position_ids)
+            batch = dataclasses.replace(batch, attention_mask=mask)
+        return batch
 
     def num_units(self, batch) -> int:
         return batch.num_loss_tokens
