@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
+from posttrain.data.batches import SFTBatch
 from posttrain.data.collate import pack_collate, pad_collate
 from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
 from posttrain.data.loading import DataError, load_rows
@@ -93,6 +94,19 @@ def _mtp_metrics(main: LossOutput, extra: LossOutput) -> dict[str, torch.Tensor]
     return metrics
 
 
+def collate_sft(examples, pad_id: int, row_length: int, pack_mode: str, attention) -> SFTBatch:
+    """Padded rows, or packed rows (pack_mode from attention_support.sft_packing) with the
+    explicit block mask a model that ignores restarting position_ids needs."""
+    if pack_mode == "padded":
+        return pad_collate(examples, pad_id)
+    batch = pack_collate(examples, pad_id, row_length)
+    if pack_mode == "block_mask":
+        allowed = block_mask_from_positions(batch.position_ids)
+        mask = model_mask(attention, allowed, batch.position_ids)
+        batch = dataclasses.replace(batch, attention_mask=mask)
+    return batch
+
+
 class SFT(OfflineAlgorithm):
     name = "sft"
 
@@ -135,14 +149,13 @@ class SFT(OfflineAlgorithm):
         return model
 
     def collate(self, examples: list[EncodedExample]):
-        if self.pack_mode == "padded":
-            return pad_collate(examples, self.tokenizer.pad_token_id)
-        batch = pack_collate(examples, self.tokenizer.pad_token_id, self.cfg.data.max_length)
-        if self.pack_mode == "block_mask":  # the model ignores restarting position_ids
-            allowed = block_mask_from_positions(batch.position_ids)
-            mask = model_mask(self.attention, allowed, batch.position_ids)
-            batch = dataclasses.replace(batch, attention_mask=mask)
-        return batch
+        return collate_sft(
+            examples,
+            self.tokenizer.pad_token_id,
+            self.cfg.data.max_length,
+            self.pack_mode,
+            self.attention,
+        )
 
     def num_units(self, batch) -> int:
         return batch.num_loss_tokens

@@ -79,7 +79,9 @@ def _mask_calls_read_positions(source: str) -> bool:
             depth += {"(": 1, ")": -1}.get(source[end], 0)
             end += 1
         calls += 1
-        if "position_ids" not in source[match.end() : end]:
+        args = source[match.end() : end]
+        # Gemma 2/3 build the arguments first: create_causal_mask(**mask_kwargs)
+        if "position_ids" not in args and not ("**" in args and '"position_ids"' in source):
             return False
     return calls > 0
 
@@ -122,7 +124,9 @@ def _profile(model) -> AttentionProfile:
 def custom_mask(prof: AttentionProfile) -> str | None:
     """None if a 4-D mask built by `model_mask` gives exactly the model's own attention."""
     if prof.implementation not in MASK_IMPLEMENTATIONS:
-        return f"attn_implementation={prof.implementation} cannot take a 4-D mask (use sdpa or eager)"
+        return (
+            f"attn_implementation={prof.implementation} cannot take a 4-D mask (use sdpa or eager)"
+        )
     if prof.sinks:
         return "attention sinks are not reproduced by a custom mask"
     if prof.windowed and prof.mixed_layers and not prof.reads_mask_dict:
