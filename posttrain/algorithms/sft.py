@@ -13,7 +13,7 @@ from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
 from posttrain.data.batches import SFTBatch
 from posttrain.data.collate import pack_collate, pad_collate
-from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
+from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_examples
 from posttrain.data.loading import DataError, load_rows
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
@@ -51,12 +51,12 @@ def encode_sft_file(
     for i, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
-        ex = encode_sft_row(tokenizer, row, fmt, max_length, where=f"{path}: row {i + 1}")
-        truncated += ex.truncated
-        if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
-            skipped += 1
-            continue
-        examples.append(ex)
+        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, f"{path}: row {i + 1}"):
+            truncated += ex.truncated
+            if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
+                skipped += 1
+                continue
+            examples.append(ex)
     if not examples:
         raise DataError(
             f"{path}: no usable rows ({skipped} had no completion tokens within max_length)"
