@@ -7,7 +7,10 @@ Three ways to find the assistant tokens, in order:
    generation prompt) and up to its end, and both renders are checked to be prefixes of the
    FULL chat's render, as strings and as tokens. Comparing lengths is not enough: templates that
    rewrite history (Qwen3 drops earlier `<think>` blocks, and adds an empty one only to the
-   latest turn) give renders of the right length and the wrong content.
+   latest turn) give renders of the right length and the wrong content. Where the prefixes
+   differ only elsewhere (Mistral moves the system prompt into the last user turn), the turn is
+   found by rendering the full chat with its content replaced by a sentinel, and used if the
+   full render holds the content verbatim there.
 3. A turn that the full render rewrote cannot be located in it, so it is trained in its own
    context instead ("per-turn rendering"): one extra sequence, the chat rendered up to and
    including that turn, with the loss on that turn only. Callers that need exactly one sequence
@@ -96,6 +99,26 @@ def _is_prefix(short: list, long: list) -> bool:
     return long[: len(short)] == short
 
 
+_SENTINEL = "\ue000posttrain-turn\ue001"  # private-use characters: in no real message
+
+
+def _locate_by_sentinel(r: ChatRenderer, messages, i: int, full_text: str):
+    """Character span of assistant turn i (content and the template's turn closer) in the full
+    render, found by rendering the chat with that turn's content replaced by a sentinel; None
+    if the full render does not hold the content verbatim there (the template rewrote it)."""
+    alt = [*messages[:i], {**messages[i], "content": _SENTINEL}, *messages[i + 1 :]]
+    alt_text = r.text(alt)
+    start = alt_text.find(_SENTINEL)
+    if start < 0 or full_text[:start] != alt_text[:start]:
+        return None
+    cut = r.text(alt[: i + 1])
+    closer = cut[cut.find(_SENTINEL) + len(_SENTINEL) :]
+    expected = messages[i]["content"] + closer
+    if not full_text.startswith(expected, start) or not expected:
+        return None
+    return start, start + len(expected)
+
+
 def chat_sequences(
     tokenizer, messages, where: str, train_from: int = 0, tools=None
 ) -> list[tuple[list[int], list[int]]]:
@@ -113,7 +136,8 @@ def chat_sequences(
         return [(ids, mask)]
 
     full_text = r.text(messages)
-    full = r.ids(full_text)
+    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    full, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     mask = [0] * len(full)
     own: list[tuple[list[int], list[int]]] = []
     for i, message in enumerate(messages):
@@ -121,15 +145,21 @@ def chat_sequences(
             continue
         before_text, upto_text = r.text(messages[:i], gen=True), r.text(messages[: i + 1])
         before, upto = r.ids(before_text), r.ids(upto_text)
-        if not (upto_text.startswith(before_text) and _is_prefix(before, upto)):
-            raise DataError(
-                f"{where}: assistant turn {i} cannot be located: the chat rendered up to it "
-                "with the generation prompt is not a prefix of the chat rendered through it"
-            )
-        if full_text.startswith(upto_text) and _is_prefix(upto, full):
+        stable = upto_text.startswith(before_text) and _is_prefix(before, upto)
+        if stable and full_text.startswith(upto_text) and _is_prefix(upto, full):
             mask[len(before) : len(upto)] = [1] * (len(upto) - len(before))
-        else:  # rewritten by a later turn: train it where it is the latest turn
+        elif span := _locate_by_sentinel(r, messages, i, full_text):
+            for t, (a, b) in enumerate(offsets):  # every token overlapping the span
+                if b > span[0] and a < span[1]:
+                    mask[t] = 1
+        elif stable:  # rewritten by a later turn: train it where it is the latest turn
             own.append((upto, [0] * len(before) + [1] * (len(upto) - len(before))))
+        else:
+            raise DataError(
+                f"{where}: assistant turn {i} cannot be located: the chat template renders it "
+                "differently in the full chat, and the chat up to it with the generation "
+                "prompt is not a prefix of the chat through it"
+            )
     return [(full, mask), *own]
 
 
