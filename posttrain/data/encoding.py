@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from posttrain.data.chat import (
     ChatRenderer,
     chat_sequences,
+    check_messages,
     encode_chat,
     encode_prompt_chat,
     require_template,
@@ -70,6 +71,21 @@ def row_tools(row: dict, where: str):
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: 'tools' is not valid JSON ({e.msg})") from None
     return tools or None
+
+
+def check_prompts(tokenizer, prompts, path: str) -> None:
+    """Start-up check of RL prompt rows (grpo, ppo): chat prompts need a chat template and
+    known roles; caught here rather than at the first rollout."""
+    for i, prompt in enumerate(prompts):
+        where = f"{path}: row {i + 1}"
+        if isinstance(prompt, list):
+            require_template(tokenizer, where)
+            check_messages(prompt, where, tokenizer)
+        elif not isinstance(prompt, str):
+            raise DataError(
+                f"{where}: prompt must be a string or a list of messages, "
+                f"got {type(prompt).__name__}"
+            )
 
 
 def encode_prompt(tokenizer, prompt, where: str, tools=None) -> list[int]:
