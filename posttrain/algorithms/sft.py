@@ -42,7 +42,7 @@ class EncodedData:
 
 
 def encode_sft_file(
-    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None
+    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None, side: str = "right"
 ) -> EncodedData:
     """Load and tokenize an SFT data file; rows with no target tokens are skipped and counted."""
     rows = load_rows(path)
@@ -51,7 +51,8 @@ def encode_sft_file(
     for i, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
-        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, f"{path}: row {i + 1}"):
+        where = f"{path}: row {i + 1}"
+        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, where, side):
             truncated += ex.truncated
             if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
                 skipped += 1
@@ -127,7 +128,11 @@ class SFT(OfflineAlgorithm):
             heads = build_heads(model, cfg.model.mtp, cfg.model.name_or_path)
             model = MTPCausalLM(model, heads)
         self.train_data = encode_sft_file(
-            self.tokenizer, cfg.data.train_path, cfg.data.format, cfg.data.max_length
+            self.tokenizer,
+            cfg.data.train_path,
+            cfg.data.format,
+            cfg.data.max_length,
+            side=cfg.data.truncation_side,
         )
         self.eval_data = None
         if cfg.data.eval_path:
@@ -137,6 +142,7 @@ class SFT(OfflineAlgorithm):
                 cfg.data.format,
                 cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
+                side=cfg.data.truncation_side,
             )
         self.train_examples = self.train_data.examples
         self.init_sampler(accelerator)

@@ -128,7 +128,7 @@ def encode_text(tokenizer, text: str, where: str) -> tuple[list[int], list[int]]
 
 
 def encode_sft_examples(
-    tokenizer, row: dict, fmt: str, max_length: int, where: str
+    tokenizer, row: dict, fmt: str, max_length: int, where: str, side: str = "right"
 ) -> list[EncodedExample]:
     """One example per row, plus one per assistant turn the chat template rewrites in the full
     chat (data/chat.py: trained in its own context)."""
@@ -140,10 +140,8 @@ def encode_sft_examples(
         sequences = [encode_prompt_completion(tokenizer, p, c, where, tools)]
     else:
         sequences = [encode_text(tokenizer, row["text"], where)]
-    return [
-        EncodedExample(ids[:max_length], mask[:max_length], len(ids) > max_length)
-        for ids, mask in sequences
-    ]
+    cut = slice(-max_length, None) if side == "left" else slice(0, max_length)
+    return [EncodedExample(ids[cut], mask[cut], len(ids) > max_length) for ids, mask in sequences]
 
 
 def encode_sft_row(tokenizer, row: dict, fmt: str, max_length: int, where: str) -> EncodedExample:
