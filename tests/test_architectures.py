@@ -184,3 +184,50 @@ def test_engine_greedy_matches_hf_generate_and_forward(family_dirs, family):
             batch.completion_mask,
         )
     torch.testing.assert_close(batch.logprobs, forward, atol=1e-4, rtol=0)
+
+
+# What main did before issue 12, shown to be wrong on these families: the equalities above are
+# sensitive to it (they fail when the window / block mask is dropped).
+
+
+def test_opt_packing_without_block_mask_attends_across_examples(family_dirs):
+    _, model, tok = _load(family_dirs("opt"))
+    prof = attention_support.profile(model)
+    examples = [EncodedExample(_ids(n, n), [1] * n) for n in (40, 23, 9)]
+    padded = collate_sft(examples, tok.pad_token_id, 128, "padded", prof)
+    leaky = collate_sft(examples, tok.pad_token_id, 128, "positions", prof)  # no mask: main
+
+    def total(batch):
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+            ).logits
+        return cross_entropy_loss(logits, batch.labels).total
+
+    assert (total(leaky) - total(padded)).abs() > 1e-3
+
+
+def test_gemma3_shared_forward_without_windows_differs(family_dirs, monkeypatch):
+    import dataclasses
+
+    _, model, _ = _load(family_dirs("gemma3-window"))
+    rows = _rollout_rows()
+    with torch.no_grad():
+        want = sequence_logprobs(model, *rows, group_size=1)
+        unwindowed = dataclasses.replace(attention_support.profile(model), window=None)
+        monkeypatch.setattr(attention_support, "profile", lambda m: unwindowed)  # main's mask
+        got = sequence_logprobs(model, *rows, group_size=4)
+    assert (got - want).abs().max() > 1e-3
+
+
+def test_start_up_notice_names_the_path_and_reason(family_dirs):
+    _, model, _ = _load(family_dirs("gemma3-window"))
+    lines = []
+    assert not attention_support.fast_path(model, "shared_decode", lines.append)
+    assert attention_support.fast_path(model, "custom_mask", lines.append)
+    assert lines == [
+        "note: the prompt-shared decode attention is off for gemma3_text: "
+        "sliding-window layers keep their own cache"
+    ]

@@ -121,6 +121,7 @@ class GRPO(Algorithm):
         self.rollout_metrics: dict = {}
         self.rollouts_done = 0
         shared = g.share_prompt_forward and fast_path(model, "custom_mask", accelerator.print)
+        fast_path(model, "shared_decode", accelerator.print)  # the engine steps aside itself
         self.group_size = g.num_generations if shared else 1
         return model
 
