@@ -112,7 +112,10 @@ def test_dpo_packed_equals_padded(family_dirs, family):
     torch.testing.assert_close(got, want, atol=ATOL * 50, rtol=1e-5)  # sums of ~30 tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3-window", "mistral-window", "opt", "gpt2"])
+@pytest.mark.parametrize(
+    "family",
+    ["llama", "gemma2-softcap", "gemma3-window", "mistral-window", "opt", "gpt2", "qwen3-moe"],
+)
 def test_rm_packed_scores_equal_padded(family_dirs, family):
     path = family_dirs(family)
     tok = load_tokenizer(str(path))
