@@ -150,9 +150,12 @@ class DataConfig:
     """Row format; auto picks from the columns present."""
     max_length: Annotated[int, Range(ge=2)] = 512
     """Tokens per example; longer examples are truncated and counted."""
+    truncation_side: Literal["right", "left"] = "right"
+    """sft: which end of an over-long example is cut (left keeps the final turns)."""
     packing: bool = False
     """Padding-free rows. sft: examples concatenated with per-example position_ids. rm, dpo:
-    each pair laid out once with its prompt shared by both answers (needs sdpa attention)."""
+    each pair laid out once with its prompt shared by both answers (a 4-D mask; a model it
+    cannot reproduce, e.g. flash-attention, trains padded with a start-up note)."""
     max_eval_examples: PositiveInt = 512
     """Cap on eval rows used for eval loss."""
 

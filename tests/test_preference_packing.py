@@ -83,17 +83,16 @@ def test_packed_rm_scores_equal_padded(tiny_model_dir, tmp_path):
     torch.testing.assert_close(got, want.squeeze(-1), atol=2e-5, rtol=1e-5)
 
 
-def test_packing_refuses_attention_that_cannot_take_the_mask():
-    from types import SimpleNamespace
+def test_packing_with_eager_attention_gets_an_additive_mask(tiny_model_dir, tmp_path):
+    """Eager attention adds the mask to the scores: a boolean mask would be added as 0/1, so
+    the model is given 0 / -inf and the packed log-probs still equal the padded ones."""
+    from posttrain.data.preference_packing import forward_mask
 
-    from posttrain.config import DataConfig, ModelConfig
-    from posttrain.data.preference_packing import check_packing_supported
-
-    def recipe(packing, attn="sdpa"):
-        model = ModelConfig(name_or_path="x", attn_implementation=attn)
-        return SimpleNamespace(data=DataConfig(packing=packing), model=model)
-
-    check_packing_supported(recipe(True))  # sdpa, the default
-    check_packing_supported(recipe(False, "eager"))  # padded rows take any attention
-    with pytest.raises(ValueError, match="needs model.attn_implementation=sdpa"):
-        check_packing_supported(recipe(True, "eager"))
+    tok, examples = _examples(tiny_model_dir, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    packed = packed_preference_collate(examples, tok.pad_token_id, 64)
+    assert forward_mask(model, packed).dtype == torch.float32
+    with torch.no_grad():
+        want, _ = completion_logps(model, preference_collate(examples, tok.pad_token_id))
+        got, _ = completion_logps(model, packed)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -26,6 +26,7 @@ from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
     collate_pairs,
+    forward_mask,
 )
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
@@ -74,7 +75,7 @@ def packed_completion_logps(
     token is predicted, then summed per sequence."""
     logits = model(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=forward_mask(model, batch),
         position_ids=batch.position_ids,
         use_cache=False,
     ).logits
@@ -90,9 +91,9 @@ class DPO(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        check_packing_supported(cfg)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
+        check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
         self.train_data = encode_preference_file(

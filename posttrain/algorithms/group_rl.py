@@ -39,6 +39,7 @@ from posttrain.algorithms.rl_common import (
     to_policy_batches,
 )
 from posttrain.config import ConfigError, PositiveInt, Range, reject_unused
+from posttrain.models.attention_support import fast_path
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
 
@@ -117,7 +118,8 @@ class GroupRL(Algorithm):
         self.buffer: list = []
         self.rollout_metrics: dict = {}
         self.rollouts_done = 0
-        shared = g.share_prompt_forward and cfg.model.attn_implementation == "sdpa"
+        shared = g.share_prompt_forward and fast_path(model, "custom_mask", accelerator.print)
+        fast_path(model, "shared_decode", accelerator.print)  # the engine steps aside itself
         self.group_size = g.num_generations if shared else 1
         return model
 

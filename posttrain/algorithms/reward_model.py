@@ -20,6 +20,7 @@ from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
     check_packing_supported,
     collate_pairs,
+    forward_mask,
 )
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
@@ -64,7 +65,7 @@ def packed_scores(model, batch: PackedPreferenceBatch) -> torch.Tensor:
     try:
         model(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            attention_mask=forward_mask(model, batch),
             position_ids=batch.position_ids,
             use_cache=False,
         )
@@ -78,9 +79,9 @@ class RewardModel(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        check_packing_supported(cfg)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
+        check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
         self.train_data = encode_preference_file(

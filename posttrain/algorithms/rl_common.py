@@ -23,6 +23,7 @@ from posttrain.config import (
     Range,
 )
 from posttrain.data.batches import PolicyBatch
+from posttrain.data.encoding import check_prompts
 from posttrain.data.loading import DataError, load_rows, require_columns
 from posttrain.evaluation import accuracy_of
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
@@ -75,6 +76,8 @@ def load_policy_and_prompts(cfg) -> tuple:
         model = apply_lora(model, cfg.model.lora)
     data = PromptData(cfg.data.train_path)
     eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+    for prompts in (data, eval_data) if eval_data else (data,):  # chat prompts: template, roles
+        check_prompts(tokenizer, prompts.prompts, prompts.path)
     return tokenizer, model, data, eval_data
 
 

@@ -3,6 +3,7 @@ normalised by the number of target tokens in the global batch, optionally paddin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +11,20 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
+from posttrain.data.batches import SFTBatch
 from posttrain.data.collate import pack_collate, pad_collate
-from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_row
+from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_examples
 from posttrain.data.loading import DataError, load_rows
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
+from posttrain.models.attention_support import (
+    block_mask_from_positions,
+    fast_path,
+    model_mask,
+    profile,
+    sft_packing,
+)
 from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
@@ -33,7 +42,7 @@ class EncodedData:
 
 
 def encode_sft_file(
-    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None
+    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None, side: str = "right"
 ) -> EncodedData:
     """Load and tokenize an SFT data file; rows with no target tokens are skipped and counted."""
     rows = load_rows(path)
@@ -42,12 +51,13 @@ def encode_sft_file(
     for i, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
-        ex = encode_sft_row(tokenizer, row, fmt, max_length, where=f"{path}: row {i + 1}")
-        truncated += ex.truncated
-        if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
-            skipped += 1
-            continue
-        examples.append(ex)
+        where = f"{path}: row {i + 1}"
+        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, where, side):
+            truncated += ex.truncated
+            if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
+                skipped += 1
+                continue
+            examples.append(ex)
     if not examples:
         raise DataError(
             f"{path}: no usable rows ({skipped} had no completion tokens within max_length)"
@@ -85,6 +95,19 @@ def _mtp_metrics(main: LossOutput, extra: LossOutput) -> dict[str, torch.Tensor]
     return metrics
 
 
+def collate_sft(examples, pad_id: int, row_length: int, pack_mode: str, attention) -> SFTBatch:
+    """Padded rows, or packed rows (pack_mode from attention_support.sft_packing) with the
+    explicit block mask a model that ignores restarting position_ids needs."""
+    if pack_mode == "padded":
+        return pad_collate(examples, pad_id)
+    batch = pack_collate(examples, pad_id, row_length)
+    if pack_mode == "block_mask":
+        allowed = block_mask_from_positions(batch.position_ids)
+        mask = model_mask(attention, allowed, batch.position_ids)
+        batch = dataclasses.replace(batch, attention_mask=mask)
+    return batch
+
+
 class SFT(OfflineAlgorithm):
     name = "sft"
 
@@ -92,6 +115,11 @@ class SFT(OfflineAlgorithm):
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
+        # Padding-free rows need the model to mask them (attention_support.sft_packing).
+        self.attention = profile(model)
+        self.pack_mode = sft_packing(self.attention)[0] if cfg.data.packing else "padded"
+        if cfg.data.packing:
+            fast_path(model, "sft_packing", accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
         if cfg.model.mtp.kind != "none":
@@ -100,7 +128,11 @@ class SFT(OfflineAlgorithm):
             heads = build_heads(model, cfg.model.mtp, cfg.model.name_or_path)
             model = MTPCausalLM(model, heads)
         self.train_data = encode_sft_file(
-            self.tokenizer, cfg.data.train_path, cfg.data.format, cfg.data.max_length
+            self.tokenizer,
+            cfg.data.train_path,
+            cfg.data.format,
+            cfg.data.max_length,
+            side=cfg.data.truncation_side,
         )
         self.eval_data = None
         if cfg.data.eval_path:
@@ -110,6 +142,7 @@ class SFT(OfflineAlgorithm):
                 cfg.data.format,
                 cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
+                side=cfg.data.truncation_side,
             )
         self.train_examples = self.train_data.examples
         self.init_sampler(accelerator)
@@ -122,9 +155,13 @@ class SFT(OfflineAlgorithm):
         return model
 
     def collate(self, examples: list[EncodedExample]):
-        if self.cfg.data.packing:
-            return pack_collate(examples, self.tokenizer.pad_token_id, self.cfg.data.max_length)
-        return pad_collate(examples, self.tokenizer.pad_token_id)
+        return collate_sft(
+            examples,
+            self.tokenizer.pad_token_id,
+            self.cfg.data.max_length,
+            self.pack_mode,
+            self.attention,
+        )
 
     def num_units(self, batch) -> int:
         return batch.num_loss_tokens

@@ -6,16 +6,24 @@ Three row formats:
   (rendered with the chat template; loss on the completion turns).
 - `text`: plain text; loss on every token.
 
-Assistant spans are found by rendering the chat twice, up to a turn with the generation prompt
-and up to the end of that turn, and taking the difference. This works with any chat template
-that is prefix-stable (checked, with a clear error when it is not) and needs no `{% generation %}`
-markers in the template.
+Assistant spans are found as data/chat.py describes: `{% generation %}` markers where the
+template has them, else prefix renders checked against the full chat (strings and tokens), with
+turns a template rewrites trained in their own context.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+from posttrain.data.chat import (
+    ChatRenderer,
+    chat_sequences,
+    check_messages,
+    encode_chat,
+    encode_prompt_chat,
+    require_template,
+)
 from posttrain.data.loading import DataError
 
 FORMATS = ("messages", "prompt_completion", "text")
@@ -49,57 +57,41 @@ def detect_format(columns: list[str], source: str, requested: str = "auto") -> s
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    if tokenizer.chat_template is None:
-        raise DataError(
-            "the tokenizer has no chat template, but the data is conversational; "
-            "use a chat model or plain-text prompt/completion strings"
-        )
-    ids = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
-    )
-    return list(ids)
+    require_template(tokenizer, "chat data")
+    r = ChatRenderer(tokenizer, "chat data")
+    return r.ids(r.text(messages, gen=add_generation_prompt))
 
 
-def _check_messages(messages, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: every message needs 'role' and 'content', got {m!r}")
+def row_tools(row: dict, where: str):
+    """The row's `tools` column for the chat template (JSON text is parsed); None if absent."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'tools' is not valid JSON ({e.msg})") from None
+    return tools or None
 
 
-def encode_chat(
-    tokenizer, messages: list[dict], where: str, train_from: int = 0
-) -> tuple[list[int], list[int]]:
-    """Token ids of the whole chat and a mask over assistant turns at index >= train_from."""
-    _check_messages(messages, where)
-    ids: list[int] = []
-    mask: list[int] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < train_from:
-            continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_chat(tokenizer, messages[: i + 1])
-        if upto[: len(before)] != before or len(before) < len(ids):
+def check_prompts(tokenizer, prompts, path: str) -> None:
+    """Start-up check of RL prompt rows (grpo, ppo): chat prompts need a chat template and
+    known roles; caught here rather than at the first rollout."""
+    for i, prompt in enumerate(prompts):
+        where = f"{path}: row {i + 1}"
+        if isinstance(prompt, list):
+            require_template(tokenizer, where)
+            check_messages(prompt, where, tokenizer)
+        elif not isinstance(prompt, str):
             raise DataError(
-                f"{where}: the chat template is not prefix-stable (rendering the chat up to turn {i} "
-                "is not a prefix of the longer chat), so assistant tokens cannot be located"
+                f"{where}: prompt must be a string or a list of messages, "
+                f"got {type(prompt).__name__}"
             )
-        mask.extend([0] * (len(before) - len(ids)))
-        mask.extend([1] * (len(upto) - len(before)))
-        ids = upto
-    full = render_chat(tokenizer, messages)
-    if full[: len(ids)] != ids:
-        raise DataError(f"{where}: the chat template is not prefix-stable")
-    mask.extend([0] * (len(full) - len(ids)))
-    return full, mask
 
 
-def encode_prompt(tokenizer, prompt, where: str) -> list[int]:
+def encode_prompt(tokenizer, prompt, where: str, tools=None) -> list[int]:
     """Token ids of a prompt ready for generation (chat: with the assistant generation prompt)."""
     if isinstance(prompt, list):
-        _check_messages(prompt, where)
-        return render_chat(tokenizer, prompt, add_generation_prompt=True)
+        return encode_prompt_chat(tokenizer, prompt, where, tools)
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     raise DataError(
@@ -108,7 +100,7 @@ def encode_prompt(tokenizer, prompt, where: str) -> list[int]:
 
 
 def encode_prompt_completion(
-    tokenizer, prompt, completion, where: str
+    tokenizer, prompt, completion, where: str, tools=None
 ) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) for a prompt and its completion; loss on the completion only."""
     if isinstance(prompt, list) != isinstance(completion, list):
@@ -116,8 +108,7 @@ def encode_prompt_completion(
             f"{where}: prompt and completion must both be strings or both message lists"
         )
     if isinstance(completion, list):
-        _check_messages(completion, where)
-        return encode_chat(tokenizer, prompt + completion, where, train_from=len(prompt))
+        return encode_chat(tokenizer, prompt + completion, where, len(prompt), tools)
     if not isinstance(completion, str):
         raise DataError(f"{where}: completion must be a string or a list of messages")
     prompt_ids = encode_prompt(tokenizer, prompt, where)
@@ -136,12 +127,22 @@ def encode_text(tokenizer, text: str, where: str) -> tuple[list[int], list[int]]
     return ids, [1] * len(ids)
 
 
-def encode_sft_row(tokenizer, row: dict, fmt: str, max_length: int, where: str) -> EncodedExample:
+def encode_sft_examples(
+    tokenizer, row: dict, fmt: str, max_length: int, where: str, side: str = "right"
+) -> list[EncodedExample]:
+    """One example per row, plus one per assistant turn the chat template rewrites in the full
+    chat (data/chat.py: trained in its own context)."""
+    tools = row_tools(row, where)
     if fmt == "messages":
-        ids, mask = encode_chat(tokenizer, row["messages"], where)
+        sequences = chat_sequences(tokenizer, row["messages"], where, tools=tools)
     elif fmt == "prompt_completion":
-        ids, mask = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], where)
+        p, c = row["prompt"], row["completion"]
+        sequences = [encode_prompt_completion(tokenizer, p, c, where, tools)]
     else:
-        ids, mask = encode_text(tokenizer, row["text"], where)
-    truncated = len(ids) > max_length
-    return EncodedExample(ids[:max_length], mask[:max_length], truncated)
+        sequences = [encode_text(tokenizer, row["text"], where)]
+    cut = slice(-max_length, None) if side == "left" else slice(0, max_length)
+    return [EncodedExample(ids[cut], mask[cut], len(ids) > max_length) for ids, mask in sequences]
+
+
+def encode_sft_row(tokenizer, row: dict, fmt: str, max_length: int, where: str) -> EncodedExample:
+    return encode_sft_examples(tokenizer, row, fmt, max_length, where)[0]

@@ -17,7 +17,7 @@ import torch
 
 from posttrain.data.batches import PreferenceBatch
 from posttrain.data.collate import IGNORE, shifted_labels
-from posttrain.data.encoding import encode_prompt_completion
+from posttrain.data.encoding import encode_prompt_completion, row_tools
 from posttrain.data.loading import DataError, load_rows, require_columns
 
 REQUIRED = ["prompt", "chosen", "rejected"]
@@ -68,8 +68,13 @@ def encode_preference_file(
         if row["chosen"] == row["rejected"]:
             skipped["identical"] += 1
             continue
-        c_ids, c_mask = encode_prompt_completion(tokenizer, row["prompt"], row["chosen"], where)
-        r_ids, r_mask = encode_prompt_completion(tokenizer, row["prompt"], row["rejected"], where)
+        tools = row_tools(row, where)
+        c_ids, c_mask = encode_prompt_completion(
+            tokenizer, row["prompt"], row["chosen"], where, tools
+        )
+        r_ids, r_mask = encode_prompt_completion(
+            tokenizer, row["prompt"], row["rejected"], where, tools
+        )
         if len(c_ids) > max_length or len(r_ids) > max_length:
             truncated += 1
             c_ids, c_mask, r_ids, r_mask = (

@@ -27,6 +27,8 @@ from posttrain.config import reject_unused
 from posttrain.data.batches import TensorBatch
 from posttrain.data.collate import pack_rows
 from posttrain.data.preference import precomputed_reference, preference_collate
+from posttrain.models import attention_support
+from posttrain.models.attention_support import fast_path
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,21 @@ class PackedPreferenceBatch(TensorBatch):
 FORMAT_REASON = "preference rows always have prompt, chosen and rejected columns"
 
 
-def check_packing_supported(cfg) -> None:
-    """With data.packing, the 4-D boolean mask is read as "may attend" by SDPA only: eager
-    attention would add it to the scores and flash-attention cannot take it."""
+def check_packing_supported(cfg, model, notify=print) -> None:
+    """data.format is not read by preference trainers (rejected when set); data.packing stays on
+    only where the 4-D mask reproduces the model's own attention (attention_support.custom_mask:
+    sdpa or eager, windows per layer type, no sinks); else a one-line notice and padded batches."""
     reject_unused(
         cfg, type(cfg).__name__.removesuffix("Recipe").lower(), {"data.format": FORMAT_REASON}
     )
-    if cfg.data.packing and cfg.model.attn_implementation != "sdpa":
-        raise ValueError(
-            f"data.packing=true for preference pairs needs model.attn_implementation=sdpa, got "
-            f"{cfg.model.attn_implementation!r} (set data.packing=false)"
-        )
+    if cfg.data.packing and not fast_path(model, "custom_mask", notify):
+        cfg.data.packing = False
+
+
+def forward_mask(model, batch: PackedPreferenceBatch):
+    """The batch's "may attend" mask in the form the model reads (windows, eager, per layer)."""
+    prof = attention_support.profile(model)
+    return attention_support.model_mask(prof, batch.attention_mask[:, 0], batch.position_ids)
 
 
 def collate_pairs(examples: list, pad_id: int, data_cfg):

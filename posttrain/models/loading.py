@@ -7,10 +7,16 @@ asks for it; weights are read and written as safetensors.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from posttrain.config import LoraConfig, ModelConfig
 
@@ -44,8 +50,88 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def notice(message: str) -> None:
+    """A start-up line, printed once (by the first process of a node)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {message}", flush=True)
+
+
+def resolved_path(name_or_path: str) -> str:
+    """A local checkpoint as an absolute path (LoRA adapters record the path they were trained
+    from, and a relative one breaks from any other directory); a hub id as given."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.is_dir() else name_or_path
+
+
+def working_implementations(model_class) -> list[str]:
+    """model.attn_implementation values the model class supports (eager always does)."""
+    works = ["eager"]
+    if getattr(model_class, "_supports_sdpa", False):
+        works.insert(0, "sdpa")
+    if getattr(model_class, "_supports_flash_attn", False):
+        works.append("flash_attention_2 (with flash-attn installed and a CUDA GPU)")
+    return works
+
+
+def model_cls_of(auto_cls, name: str):
+    try:
+        return auto_cls._model_mapping[type(AutoConfig.from_pretrained(name))]
+    except Exception:  # any failure: no class to name, the generic list is used
+        return None
+
+
+def check_attention(config, auto_cls, cfg: ModelConfig) -> None:
+    """A one-line error, before any weights load, for an attention kernel the model cannot use."""
+    try:
+        model_class = auto_cls._model_mapping[type(config)]
+    except KeyError:
+        return  # custom code or an unknown mapping: transformers decides
+    works = working_implementations(model_class)
+    impl = cfg.attn_implementation
+    if getattr(config, "attn_logit_softcapping", None) and impl == "sdpa":
+        works = [w for w in works if w != "sdpa"]
+        raise ModelError(
+            f"model.attn_implementation=sdpa cannot apply {config.model_type}'s attention "
+            f"soft-capping; values that work: {', '.join(works)}"
+        )
+    if impl != "eager" and not any(w.startswith(impl) for w in works):
+        raise ModelError(
+            f"model.attn_implementation={impl} is not supported by {model_class.__name__}; "
+            f"values that work: {', '.join(works)}"
+        )
+
+
+def dtype_notices(config, cfg: ModelConfig) -> None:
+    stored = getattr(config, "dtype", None)
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
+    if cfg.dtype != "float32":
+        notice(
+            f"model.dtype={cfg.dtype}: pure {cfg.dtype} training, no float32 master weights "
+            "(small updates may round away); the default float32 keeps them"
+        )
+    elif stored in ("bfloat16", "float16"):
+        notice(
+            f"the checkpoint is stored in {stored}; training keeps float32 master weights "
+            f"(train.mixed_precision=bf16 computes in bf16, model.dtype={stored} is pure {stored})"
+        )
+
+
 def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     check_model_path(cfg.name_or_path)
+    name = resolved_path(cfg.name_or_path)
+    adapter_only = (Path(name) / "adapter_config.json").is_file() and not (
+        Path(name) / "config.json"
+    ).is_file()
+    if not adapter_only:  # an adapter directory's base config is read by peft
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"{cfg.name_or_path}: could not read the model config: {first}"
+            ) from None
+        check_attention(config, auto_cls, cfg)
+        dtype_notices(config, cfg)
     kwargs = dict(
         dtype=DTYPES[cfg.dtype],
         trust_remote_code=cfg.trust_remote_code,
@@ -55,9 +141,18 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     if cfg.lora.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(cfg.lora)
     try:
-        model = auto_cls.from_pretrained(cfg.name_or_path, **kwargs)
+        model = auto_cls.from_pretrained(name, **kwargs)
     except OSError as e:
         raise ModelError(f"{cfg.name_or_path}: could not load the model: {e}") from None
+    except (ValueError, ImportError) as e:  # e.g. flash_attention_2 without flash-attn
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "attn" not in text.lower() and "attention" not in text.lower():
+            raise
+        works = working_implementations(model_cls_of(auto_cls, name))
+        raise ModelError(
+            f"model.attn_implementation={cfg.attn_implementation}: {text}; "
+            f"values that work: {', '.join(works)}"
+        ) from None
     if cfg.moe.freeze_router:  # at load, before any optimizer or DDP wrapper sees the params
         from posttrain.models.moe import freeze_routers
 

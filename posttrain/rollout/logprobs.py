@@ -19,6 +19,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from posttrain.models import attention_support
 from posttrain.utils import position_ids_from_mask, unwrap_model
 
 
@@ -65,7 +66,7 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_s
     in which completion j sees the prompt's real tokens and its own earlier tokens only, and
     positions that continue the prompt's in every completion: each completion token's hidden
     state is the one it has in its own row, for G·(P + C) - (P + G·C) fewer tokens per group.
-    Needs an attention that reads a boolean 4-D mask (sdpa).
+    Needs an attention that reads a 4-D mask (attention_support.custom_mask).
     """
     n, width = completion_ids.shape  # N, C
     groups, P, G = n // group_size, prompt_ids.shape[1], group_size
@@ -94,9 +95,11 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_s
     # Only columns P - 1 .. W - 1 predict completion tokens: the LM head skips the prompt.
     keep = G * width + 1
     extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    # Sliding windows are applied on positions, per layer type (attention_support.model_mask).
+    model_mask = attention_support.model_mask(attention_support.profile(model), mask, position_ids)
     logits = model(
         input_ids=input_ids,
-        attention_mask=mask.unsqueeze(1),
+        attention_mask=model_mask,
         position_ids=position_ids,
         use_cache=False,
         **extra,
@@ -126,9 +129,14 @@ def sequence_logprobs(
     right-padded, as in `RolloutBatch`. temperature 0 (greedy sampling) is scored at T = 1.
     group_size G > 1: rows come in runs of G sharing one prompt (n samples per prompt), so each
     prompt is run once for its G completions (`shared_prompt_logits`); same numbers, fewer
-    tokens. Falls back to one row per sample when the rows do not share their prompts.
+    tokens. Falls back to one row per sample when the rows do not share their prompts or the
+    model's attention cannot be given a custom mask (trainers say so at start-up).
     """
-    if group_size > 1 and shares_prompts(prompt_ids, prompt_mask, group_size):
+    if (
+        group_size > 1
+        and attention_support.custom_mask(attention_support.profile(model)) is None
+        and shares_prompts(prompt_ids, prompt_mask, group_size)
+    ):
         logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
     else:
         logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)

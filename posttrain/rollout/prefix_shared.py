@@ -58,10 +58,12 @@ class SharedPrompt:
 
 
 def supports_shared_prompt(model, prefill_cache) -> bool:
-    """sdpa models whose every cache layer is plain full attention (no sliding windows)."""
+    """Models whose attention this function reproduces (attention_support.shared_decode: sdpa,
+    no sliding windows, no sinks) and whose every cache layer is plain full attention."""
+    from posttrain.models.attention_support import profile, shared_decode
     from posttrain.rollout.cache import PreallocatedLayer
 
-    return model.config._attn_implementation == "sdpa" and all(
+    return shared_decode(profile(model)) is None and all(
         type(layer) is PreallocatedLayer for layer in prefill_cache.layers
     )
 
@@ -71,13 +73,31 @@ def _expand_heads(x: Tensor, groups: int) -> Tensor:
 
 
 def prefix_shared_attention(
-    module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, **kwargs
+    module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask,
+    scaling=None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
 ):
     """query (A, H, 1, D) of the live rows; key/value (A, H_kv, T, D): their generated tokens.
-    Returns (A, 1, H, D) as transformers' sdpa_attention_forward does."""
+    Returns (A, 1, H, D) as transformers' sdpa_attention_forward does.
+
+    Soft-capping (Gemma 2) is applied to both score parts. A sliding window or attention sinks
+    (`s_aux`) would change which keys count; the engine does not route such models here
+    (attention_support.shared_decode), and they are refused rather than silently ignored."""
     shared = _ACTIVE.get()
     if shared is None or query.shape[2] != 1:
         raise RuntimeError(f"{NAME} attention runs only inside SharedPrompt.active, one token/row")
+    if sliding_window is not None or kwargs.get("s_aux") is not None:
+        raise RuntimeError(f"{NAME} attention cannot apply sliding windows or attention sinks")
+
+    def capped(scores: Tensor) -> Tensor:
+        return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
     groups = getattr(module, "num_key_value_groups", 1)
     prompt_k = _expand_heads(shared.keys[module.layer_idx], groups)  # (B, H, P, D)
     prompt_v = _expand_heads(shared.values[module.layer_idx], groups)
@@ -89,7 +109,7 @@ def prefix_shared_attention(
     # Prompt part, one matmul per prompt for all its samples: queries into (B, H, n, D) slots.
     slots = query.new_zeros(prompts, n, heads, dim)
     slots[shared.group, shared.slot] = query[:, :, 0]
-    scores = (slots.transpose(1, 2) @ prompt_k.transpose(-1, -2)).float() * scale  # (B, H, n, P)
+    scores = capped((slots.transpose(1, 2) @ prompt_k.transpose(-1, -2)).float() * scale)
     scores = scores.masked_fill(~shared.key_mask[:, None, None, :], float("-inf"))
     prompt_max = scores.amax(-1, keepdim=True)  # (B, H, n, 1)
     weights = (scores - prompt_max).exp()
@@ -102,7 +122,7 @@ def prefix_shared_attention(
     prompt_max, prompt_sum, prompt_out = live(prompt_max), live(prompt_sum), live(prompt_out)
 
     # Own part: the row's generated tokens (all of them precede the query).
-    own = (query @ key.transpose(-1, -2)).float()[:, :, 0] * scale  # (A, H, T)
+    own = capped((query @ key.transpose(-1, -2)).float()[:, :, 0] * scale)  # (A, H, T)
     own_max = own.amax(-1, keepdim=True)
     own_weights = (own - own_max).exp()
     own_sum = own_weights.sum(-1, keepdim=True)
