@@ -400,3 +400,60 @@ def test_fsdp2_with_gradient_checkpointing_and_offload_keys(
     assert "shards are in CPU memory already" in sharded.stdout + sharded.stderr
     assert_sharded(two)
     assert_same_curves(one, two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, recipe, data, extra",
+    [
+        ("rm", "rm_tiny.yaml", "preference", {"data.max_eval_examples": 13}),
+        ("sft", "sft_tiny_lora.yaml", "sft", {}),
+        ("sft", "sft_tiny_moe.yaml", "sft", {}),
+        (
+            "kimi",
+            "kimi_tiny.yaml",
+            "rl",
+            {
+                "kimi.prompts_per_step": 4,
+                "kimi.num_generations": 4,
+                "kimi.max_new_tokens": 6,
+                "train.batch_size": 8,
+                "data.max_eval_examples": 7,
+            },
+        ),
+    ],
+)
+def test_fsdp2_other_trainers_and_models(
+    command, recipe, data, extra, tiny_model_dir, arithmetic_dir, tmp_path
+):
+    """rm, kimi, a LoRA policy and an MoE model train sharded and write a loadable final/
+    (uneven evaluation shares included)."""
+    from posttrain.models.presets import init_model
+
+    model_dir = tiny_model_dir
+    if "moe" in recipe:
+        model_dir = init_model(tmp_path / "tiny-moe", "tiny", arch="qwen3_moe")
+    train = {
+        "sft": "sft_train.jsonl",
+        "preference": "preference_train.jsonl",
+        "rl": "rl_train.jsonl",
+    }
+    evals = {"preference": "preference_test.jsonl", "rl": "rl_test.jsonl"}
+    out = tmp_path / "out"
+    values = {
+        "model.name_or_path": model_dir,
+        "data.train_path": arithmetic_dir / train[data],
+        "data.eval_path": arithmetic_dir / evals[data] if data in evals else "",
+        "train.output_dir": out,
+        "train.max_steps": 2,
+        "train.sharding": "fsdp2",
+        "logging.progress": "false",
+        **extra,
+    }
+    result = run_torchrun(command, f"recipes/{recipe}", *[f"{k}={v}" for k, v in values.items()])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_sharded(out)
+    files = {p.name for p in (out / "final").iterdir()}
+    assert (
+        "adapter_model.safetensors" in files if "lora" in recipe else "model.safetensors" in files
+    )
