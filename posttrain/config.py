@@ -21,8 +21,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from posttrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the config schema; the message says where."""
 
 
@@ -442,11 +444,11 @@ def check_recipe(cfg: Any) -> None:
     if len(betas) != 2:
         raise ConfigError(f"optim.betas={betas!r} must hold exactly two numbers (beta1, beta2)")
     micro, accum = cfg.train.batch_size, cfg.train.grad_accum
-    grpo = getattr(cfg, "grpo", None)
-    if grpo is not None and grpo.loss_type == "kimi" and micro % grpo.num_generations:
+    kimi = getattr(cfg, "kimi", None)
+    if kimi is not None and micro % kimi.num_generations:
         raise ConfigError(
-            f"train.batch_size={micro} must be a multiple of grpo.num_generations="
-            f"{grpo.num_generations} with loss_type kimi (each micro-batch holds whole groups)"
+            f"train.batch_size={micro} must be a multiple of kimi.num_generations="
+            f"{kimi.num_generations} (each Kimi micro-batch holds whole groups)"
         )
     ppo = getattr(cfg, "ppo", None)
     if ppo is not None:

@@ -5,8 +5,8 @@ The CLI has one error boundary (`posttrain.cli.user_errors_exit`): an exception 
 is a bug and keeps its traceback. `POSTTRAIN_DEBUG=1` shows the traceback in every case.
 
 Recognised:
-- the project's own error types (ConfigError, DataError, ModelError, ScoringError, UserError and
-  its subclasses below), whose messages already name the key, file, row or function;
+- the project's own error types (UserError and its subclasses: ConfigError, DataError,
+  ModelError, ScoringError and those below), whose messages already name the key, file, row or function;
 - the environment failing a write: no space left (ENOSPC, EDQUOT), a file size limit (EFBIG),
   no permission or a read-only file system, a file where a directory is to be created — also when a library (safetensors, torch.save)
   wraps the OS error in its own exception type, which we recognise by its text;
@@ -71,13 +71,9 @@ def _chain(error: BaseException):
 
 
 def _project_types() -> tuple[type, ...]:
-    # Imported here: these modules pull in datasets/torch, which the CLI loads only when needed.
-    from posttrain.config import ConfigError
-    from posttrain.data.loading import DataError
-    from posttrain.models.loading import ModelError
-    from posttrain.scoring.scorer import ScoringError
-
-    return (UserError, ConfigError, DataError, ModelError, ScoringError)
+    # ConfigError, DataError, ModelError and ScoringError derive from UserError, so this module
+    # imports none of the layers that raise them (no import cycle).
+    return (UserError,)
 
 
 def _write_failure(error: BaseException, output_dir: str | None) -> str | None:

@@ -73,7 +73,7 @@ def sft(tiny_model_dir, arithmetic_dir, tmp_path):
     return run
 
 
-def rl_args(model_dir, data_dir, out, rewards: str, *extra) -> list[str]:
+def rl_args(model_dir, data_dir, out, rewards: str, *extra, section: str = "grpo") -> list[str]:
     values = {
         "model.name_or_path": model_dir,
         "data.train_path": data_dir / "rl_train.jsonl",
@@ -81,10 +81,10 @@ def rl_args(model_dir, data_dir, out, rewards: str, *extra) -> list[str]:
         "train.output_dir": out,
         "train.max_steps": 2,
         "train.batch_size": 8,
-        "grpo.prompts_per_step": 2,
-        "grpo.num_generations": 4,
-        "grpo.max_new_tokens": 4,
-        "grpo.rewards": rewards,
+        f"{section}.prompts_per_step": 2,
+        f"{section}.num_generations": 4,
+        f"{section}.max_new_tokens": 4,
+        f"{section}.rewards": rewards,
         "logging.log_every": 1,
         "logging.progress": False,
     }
@@ -112,11 +112,11 @@ def test_out_of_range_number_is_one_line(sft, override, fragments):
 
 
 def test_cross_field_checks(tiny_model_dir, arithmetic_dir, tmp_path):
-    kimi = rl_args(tiny_model_dir, arithmetic_dir, tmp_path, "[{name: accuracy}]")
+    kimi = rl_args(tiny_model_dir, arithmetic_dir, tmp_path, "[{name: accuracy}]", section="kimi")
     check_error(
         run_inprocess("kimi", REPO / "recipes/kimi_tiny.yaml", *kimi, "train.batch_size=6"),
         "train.batch_size=6",
-        "grpo.num_generations=4",
+        "kimi.num_generations=4",
     )
     ppo = [
         f"model.name_or_path={tiny_model_dir}",

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from posttrain.utils import unwrap_model
+
 # Implementations that read a boolean 4-D "may attend" mask (sdpa) or an additive one (eager).
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -54,8 +56,6 @@ class AttentionProfile:
 
 
 def _base_model(model):
-    from posttrain.rollout.logprobs import unwrap_model
-
     model = unwrap_model(model)
     return getattr(model, "base_model", model)
 

@@ -19,11 +19,12 @@ from transformers import (
 )
 
 from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or tokenizer that cannot be loaded; the message names the path."""
 
 
@@ -127,6 +128,12 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
             config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "trust_remote_code" in str(e) or "custom code" in str(e):
+                raise ModelError(
+                    f"{cfg.name_or_path}: the checkpoint needs its own code (auto_map), which "
+                    "posttrain does not run unless asked: set model.trust_remote_code=true if you "
+                    "trust it"
+                ) from None
             raise ModelError(
                 f"{cfg.name_or_path}: could not read the model config: {first}"
             ) from None
