@@ -141,6 +141,8 @@ class GroupRL(Algorithm):
             {
                 "data.format": "prompt rows always have a prompt column",
                 "data.packing": f"{s}.share_prompt_forward runs each prompt once for its group",
+                "data.truncation_side": "prompts longer than data.max_length always keep their "
+                "last tokens",
             },
         )
         if cfg.train.grad_accum != 1:

@@ -93,6 +93,8 @@ from posttrain.losses.types import LossOutput
 from posttrain.models.value_head import critic_values, load_critic, save_critic
 from posttrain.rollout import SamplingParams, sequence_logprobs
 
+TRUNCATION_REASON = "prompts longer than data.max_length always keep their last tokens"
+
 
 @dataclass
 class PPOConfig(OnlineRLSettings):
@@ -221,7 +223,15 @@ class PPO(Algorithm):
                 "ppo does not support train.mixed_precision=fp16 (one GradScaler would unscale "
                 "the policy's and the critic's optimisers twice); use bf16"
             )
-        reject_unused(cfg, "ppo", {"data.format": "prompt rows", "data.packing": "sampled rows"})
+        reject_unused(
+            cfg,
+            "ppo",
+            {
+                "data.format": "prompt rows",
+                "data.packing": "sampled rows",
+                "data.truncation_side": TRUNCATION_REASON,
+            },
+        )
         if p.max_new_tokens >= cfg.data.max_length:
             raise ConfigError(
                 f"ppo: data.max_length={cfg.data.max_length} (prompt + completion) leaves no room "
