@@ -456,7 +456,7 @@ def check_recipe(cfg: Any) -> None:
         if rows % (micro * accum):
             raise ConfigError(
                 f"ppo.prompts_per_rollout × ppo.samples_per_prompt = {rows} sequences per rollout "
-                f"must divide into minibatches of train.batch_size × train.grad_accum = "
+                f"must be a multiple of the minibatch train.batch_size × train.grad_accum = "
                 f"{micro} × {accum}"
             )
 
