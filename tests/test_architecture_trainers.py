@@ -22,6 +22,10 @@ TRAINERS = {
 }
 
 
+# transformers has no AutoModelForTokenClassification class for these: PPO says so (exit 2)
+NO_CRITIC = {"gemma3-window", "olmo2", "opt"}
+
+
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory):
     from posttrain.models.tokenizer import build_tokenizer
@@ -56,6 +60,10 @@ def test_trainer_runs_on_family(family_dir, arithmetic_dir, tmp_path, family, tr
         **extra,
     }
     r = run_cli(trainer, recipe, *(f"{k}={v}" for k, v in overrides.items()))
+    if trainer == "ppo" and family in NO_CRITIC:
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "use grpo (no critic) for this family" in r.stderr
+        return
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert records and all(math.isfinite(rec["loss"]) for rec in records if "loss" in rec)

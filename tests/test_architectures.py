@@ -186,7 +186,7 @@ def test_engine_greedy_matches_hf_generate_and_forward(family_dirs, family):
             batch.completion_ids,
             batch.completion_mask,
         )
-    torch.testing.assert_close(batch.logprobs, forward, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.logprobs, forward, atol=ATOL, rtol=0)
 
 
 # What main did before issue 12, shown to be wrong on these families: the equalities above are

@@ -14,8 +14,8 @@ posttrain has four fast paths that hand the model something other than a plain p
   (rollout/prefix_shared.py), which handles soft-capping but not windows or sinks.
 
 Each returns None when the path applies exactly, else a one-line reason; trainers print the
-reason at start-up and take the plain path. `python -m posttrain.models.attention_support`
-prints the table of the README's "Supported models" section for the tested families.
+reason at start-up and take the plain path. tests/gen_support_table.py prints the README's
+"Supported models" table from these decisions for the families of the architecture matrix.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def _forward_source(model) -> str:
         return ""
 
 
+# e.g. `if not isinstance(causal_mask_mapping := attention_mask, dict):` (Gemma 2/3, Qwen2/3)
+_READS_DICT = re.compile(r"isinstance\([^()]*attention_mask[^()]*,\s*dict\)")
 _MASK_CALL = re.compile(r"(create_causal_mask|create_sliding_window_causal_mask|mask_function)\(")
 
 
@@ -117,7 +119,7 @@ def _profile(model) -> AttentionProfile:
         softcap=getattr(config, "attn_logit_softcapping", None),
         sinks=getattr(config, "model_type", "") == "gpt_oss",
         mask_reads_positions=_mask_calls_read_positions(source),
-        reads_mask_dict="dict)" in source and "attention_mask" in source,
+        reads_mask_dict=bool(_READS_DICT.search(source)),
     )
 
 

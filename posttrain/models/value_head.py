@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForTokenClassification
 
 from posttrain.config import ModelConfig
-from posttrain.models.loading import _from_pretrained, apply_lora, check_model_path
+from posttrain.models.loading import ModelError, _from_pretrained, apply_lora, check_model_path
 from posttrain.utils import position_ids_from_mask
 
 
@@ -37,6 +37,12 @@ def load_critic(cfg_model: ModelConfig, path: str) -> torch.nn.Module:
     cfg = dataclasses.replace(cfg_model, name_or_path=path)
     check_model_path(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if type(config) not in AutoModelForTokenClassification._model_mapping:
+        # e.g. Gemma 3 text, OLMo 2, OPT: transformers has no per-token head class for them
+        raise ModelError(
+            f"ppo: the critic is a token-classification model, which transformers does not "
+            f"provide for {config.model_type} ({path}); use grpo (no critic) for this family"
+        )
     config.num_labels = 1
     config.token_classification_bias = False  # not from_pretrained kwargs: set on the config
     config.classifier_dropout = 0.0
