@@ -74,10 +74,13 @@ def grpo_policy_loss(
     beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped surrogate with `loss_type` aggregation (see module docstring).
 
-    logprobs, old_logprobs, ref_logprobs, completion_mask: (N, T); advantages: (N,).
+    logprobs, old_logprobs, ref_logprobs, completion_mask: (N, T); advantages: (N,) or (N, T)
+    (per-token, e.g. REINFORCE++). token_weights: (N, T) detached rollout-correction weights
+    (TIS) multiplying each token's clipped term (not the KL term).
     Metrics (means over completion tokens): clip_fraction, clip_fraction_low (ρ < 1-ε_low with
     Â < 0), clip_fraction_high (ρ > 1+ε_high with Â > 0), ratio_mean, and kl (mean k3) whenever
     ref_logprobs is given.
@@ -89,10 +92,13 @@ def grpo_policy_loss(
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (L_max)")
     mask = completion_mask.bool()  # (N, T)
-    adv = advantages.float().unsqueeze(1)  # (N, 1)
+    adv = advantages.float()
+    adv = adv.unsqueeze(1) if adv.ndim == 1 else adv  # (N, 1) or (N, T)
     ratio = torch.exp(logprobs.float() - old_logprobs.float())  # (N, T)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # (N, T)
     objective = torch.minimum(ratio * adv, clipped * adv)  # (N, T) ℓ before the KL term
+    if token_weights is not None:
+        objective = objective * token_weights.float().detach()
     kl = None if ref_logprobs is None else k3_kl(logprobs.float(), ref_logprobs.float())
     if beta != 0.0:
         objective = objective - beta * kl
