@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from posttrain.algorithms import policy_objective
 from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
     OnlineRLSettings,
@@ -37,7 +38,7 @@ from posttrain.algorithms.rl_common import (
     to_policy_batches,
 )
 from posttrain.config import BaseRecipe, ConfigError
-from posttrain.losses.grpo import group_advantages, grpo_policy_loss
+from posttrain.losses.grpo import group_advantages
 from posttrain.losses.kimi import kimi_loss
 from posttrain.losses.types import LossOutput
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
@@ -45,18 +46,27 @@ from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, seque
 
 @dataclass
 class GRPOConfig(OnlineRLSettings):
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "kimi"] = "grpo"
-    """Aggregation of the clipped objective (spec section 7) or the Kimi k1.5 loss (section 8)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo", "kimi"] = "grpo"
+    """Policy loss: the clipped objective's aggregations (spec section 7), GSPO / GSPO-token /
+    CISPO (section 13, docs/algorithms.md) or the Kimi k1.5 loss (section 8)."""
+    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
+    """Advantage estimator: group-normalised, RLOO leave-one-out, or REINFORCE++ (KL in the
+    reward with coefficient beta, per-token returns normalised over the global batch)."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Rollout/trainer mismatch correction: TIS weights tokens by min(π_old/μ, cap), MIS drops
+    tokens whose ratio leaves [1/cap, cap]."""
+    rollout_correction_cap: float = 2.0
+    """C of the rollout correction (> 1)."""
     num_generations: int = 8
     """G: completions sampled per prompt."""
     prompts_per_step: int = 8
     """Prompts per rollout over all processes (must divide by the number of processes)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing."""
-    epsilon_low: float = 0.2
-    """Lower clip ε_low of the ratio."""
-    epsilon_high: float = 0.2
-    """Upper clip ε_high (DAPO clip-higher: e.g. 0.28)."""
+    epsilon_low: float | None = None
+    """Lower clip ε_low of the ratio; null: the loss's paper default (0.2; GSPO 3e-4; CISPO 1)."""
+    epsilon_high: float | None = None
+    """Upper clip ε_high (DAPO clip-higher: e.g. 0.28); null: 0.2, GSPO 4e-4, CISPO 4."""
     beta: float = 0.0
     """KL (k3) coefficient; the reference model is loaded only when β > 0."""
     reference: str = ""
@@ -134,6 +144,7 @@ class GRPO(Algorithm):
                 "with loss_type kimi, train.batch_size must be a multiple of grpo.num_generations "
                 "(each micro-batch holds whole groups)"
             )
+        policy_objective.validate(g)
         if g.num_generations < 2:
             raise ConfigError(
                 "grpo.num_generations must be at least 2 (advantages are relative to the group)"
@@ -214,7 +225,6 @@ class GRPO(Algorithm):
             rollout, rewards, metrics["refill_rounds"] = self._refill(
                 step, accelerator, model, rollout, rewards, zero_std, len(indices), seed
             )
-        advantages = self._advantages(rewards, accelerator)
         loss_mask = rollout.completion_mask.clone()
         if g.mask_truncated:
             loss_mask[rollout.truncated] = 0
@@ -235,11 +245,25 @@ class GRPO(Algorithm):
                     cfg.train.batch_size,
                     self.group_size,
                 )
+        if g.advantage == "group":
+            advantages = self._advantages(rewards, accelerator)
+        else:
+            policy_old = rollout.logprobs if old is None else old
+            advantages = policy_objective.advantages(
+                g, rewards, loss_mask, policy_old, ref, accelerator
+            )
         metrics["rollout_seconds"] = time.perf_counter() - started
         self.rollout_metrics = reduce_means(accelerator, metrics)
         self.rollouts_done += 1
         return to_policy_batches(
-            rollout, advantages, rewards, loss_mask, old, ref, cfg.train.batch_size
+            rollout,
+            advantages,
+            rewards,
+            loss_mask,
+            old,
+            ref,
+            cfg.train.batch_size,
+            rollout_logprobs=None if g.loss_type == "kimi" else rollout.logprobs,
         )
 
     @torch.no_grad()
@@ -315,7 +339,7 @@ class GRPO(Algorithm):
 
     def num_units(self, batch) -> int:
         g = self.cfg.grpo
-        if g.loss_type == "dapo":
+        if g.loss_type in policy_objective.TOKEN_UNIT_LOSSES:
             return int(batch.completion_mask.sum())
         if g.loss_type == "dr_grpo":
             return batch.num_sequences * g.max_new_tokens
@@ -339,18 +363,7 @@ class GRPO(Algorithm):
             seq = (logprobs * mask).sum(-1)
             out = kimi_loss(seq, (old * mask).sum(-1), batch.rewards, g.num_generations, g.tau)
         else:
-            out = grpo_policy_loss(
-                logprobs,
-                old,
-                batch.advantages,
-                batch.completion_mask,
-                g.loss_type,
-                g.epsilon_low,
-                g.epsilon_high,
-                g.beta,
-                batch.ref_logprobs,
-                g.max_new_tokens,
-            )
+            out = policy_objective.policy_loss(g, logprobs, old, batch)
         out.metrics["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         return out
 
