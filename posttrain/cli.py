@@ -90,7 +90,8 @@ def _trainer_command(name: str, summary: str):
 
 _trainer_command("sft", "Supervised fine-tuning on chats, prompt/completion pairs or text.")
 _trainer_command("rm", "Train a scalar reward model (Bradley-Terry) on preference pairs.")
-_trainer_command("dpo", "Preference optimisation: DPO, robust, hinge, IPO, SimPO.")
+_trainer_command("dpo", "Preference optimisation: DPO, cDPO, robust, hinge, IPO, SimPO, ORPO.")
+_trainer_command("kto", "KTO on unpaired desirable / undesirable completions.")
 _trainer_command(
     "grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss)."
 )

@@ -5,6 +5,7 @@ ALGORITHMS maps a CLI command to (recipe class, algorithm class).
 
 from posttrain.algorithms.dpo import DPO, DPORecipe
 from posttrain.algorithms.grpo import GRPO, GRPORecipe, KimiRecipe
+from posttrain.algorithms.kto import KTO, KTORecipe
 from posttrain.algorithms.ppo import PPO, PPORecipe
 from posttrain.algorithms.reward_model import RewardModel, RMRecipe
 from posttrain.algorithms.sft import SFT, SFTRecipe
@@ -13,6 +14,7 @@ ALGORITHMS = {
     "sft": (SFTRecipe, SFT),
     "rm": (RMRecipe, RewardModel),
     "dpo": (DPORecipe, DPO),
+    "kto": (KTORecipe, KTO),
     "grpo": (GRPORecipe, GRPO),
     "kimi": (KimiRecipe, GRPO),
     "ppo": (PPORecipe, PPO),
