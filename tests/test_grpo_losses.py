@@ -134,6 +134,7 @@ def test_config_combinations_that_cannot_work_are_named(tiny_model_dir, arithmet
         )
 
 
+@pytest.mark.slow  # the in-process tests above cover the training; this is the CLI path
 def test_cli_gspo_rloo_tis_logs_mismatch_metrics(tiny_model_dir, arithmetic_dir, tmp_path):
     out = tmp_path / "gspo"
     extra = {

@@ -24,9 +24,9 @@ def kto_overrides(model_dir, data_dir, out, **extra):
         "data.eval_path": data_dir / "kto_test.jsonl",
         "data.max_eval_examples": 16,
         "train.output_dir": out,
-        "train.max_steps": 3,
+        "train.max_steps": 2,
         "train.batch_size": 4,
-        "train.eval_every": 3,
+        "train.eval_every": 2,
         "logging.log_every": 1,
         "logging.progress": False,
         **extra,
@@ -105,6 +105,13 @@ def test_kto_needs_two_rows_per_micro_batch(tiny_model_dir, arithmetic_dir, tmp_
         kto_overrides(tiny_model_dir, arithmetic_dir, tmp_path, **{"train.batch_size": 1}),
     )
     with pytest.raises(ConfigError, match="train.batch_size >= 2"):
+        KTO(cfg).setup(Accelerator(cpu=True))
+    cfg = load_recipe(
+        KTORecipe,
+        REPO / "recipes" / "kto_tiny.yaml",
+        kto_overrides(tiny_model_dir, arithmetic_dir, tmp_path, **{"data.packing": True}),
+    )
+    with pytest.raises(ConfigError, match="data.packing=false"):
         KTO(cfg).setup(Accelerator(cpu=True))
 
 

@@ -52,6 +52,8 @@ class KTO(OfflineAlgorithm):
                 "kto needs train.batch_size >= 2: the reference KL is estimated by pairing each "
                 "prompt with another row's completion in the same micro-batch"
             )
+        if cfg.data.packing:
+            raise ConfigError("kto does not pack rows: set data.packing=false")
         self.accelerator = accelerator
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model)
