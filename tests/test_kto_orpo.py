@@ -133,3 +133,19 @@ def test_dpo_trainer_runs_orpo_cdpo_robust(tiny_model_dir, arithmetic_dir, tmp_p
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     if loss_type == "orpo":
         assert "nll" in out.metrics and algo.ref_forward_passes == 0
+
+
+@pytest.mark.slow
+def test_kto_runs_on_two_processes(tiny_model_dir, arithmetic_dir, tmp_path):
+    """The reference-KL estimate is all-reduced over processes (a collective every step)."""
+    from cli_helpers import run_torchrun
+
+    out = tmp_path / "two"
+    r = run_torchrun(
+        "kto",
+        "recipes/kto_tiny.yaml",
+        *kto_overrides(tiny_model_dir, arithmetic_dir, out, **{"train.batch_size": 2}),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kl"] >= 0 and "eval/loss" in last
