@@ -93,7 +93,8 @@ _trainer_command("rm", "Train a scalar reward model (Bradley-Terry) on preferenc
 _trainer_command("dpo", "Preference optimisation: DPO, cDPO, robust, hinge, IPO, SimPO, ORPO.")
 _trainer_command("kto", "KTO on unpaired desirable / undesirable completions.")
 _trainer_command(
-    "grpo", "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss)."
+    "grpo",
+    "Online RL: GRPO, Dr. GRPO, DAPO, GSPO, CISPO; RLOO or REINFORCE++ advantages (or Kimi).",
 )
 _trainer_command(
     "kimi", "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum)."
