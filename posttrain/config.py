@@ -21,8 +21,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from posttrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the config schema; the message says where."""
 
 
@@ -259,11 +261,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
-        for arm in typing.get_args(tp):
+        arms = typing.get_args(tp)
+        for arm in arms:
             try:
                 return _coerce(value, arm, where)
             except ConfigError as e:
                 errors.append(str(e))
+        # `X | None` given a non-null value: X's own message (its declared range, say)
+        real = [e for arm, e in zip(arms, errors) if arm is not type(None)]
+        if value is not None and len(real) == 1:
+            raise ConfigError(real[0])
         raise ConfigError(f"{where}: {value!r} fits none of {tp}")
     if tp is type(None):
         if value is None:
@@ -442,11 +449,11 @@ def check_recipe(cfg: Any) -> None:
     if len(betas) != 2:
         raise ConfigError(f"optim.betas={betas!r} must hold exactly two numbers (beta1, beta2)")
     micro, accum = cfg.train.batch_size, cfg.train.grad_accum
-    grpo = getattr(cfg, "grpo", None)
-    if grpo is not None and grpo.loss_type == "kimi" and micro % grpo.num_generations:
+    kimi = getattr(cfg, "kimi", None)
+    if kimi is not None and micro % kimi.num_generations:
         raise ConfigError(
-            f"train.batch_size={micro} must be a multiple of grpo.num_generations="
-            f"{grpo.num_generations} with loss_type kimi (each micro-batch holds whole groups)"
+            f"train.batch_size={micro} must be a multiple of kimi.num_generations="
+            f"{kimi.num_generations} (each micro-batch holds whole groups)"
         )
     ppo = getattr(cfg, "ppo", None)
     if ppo is not None:

@@ -70,16 +70,6 @@ def _chain(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def _project_types() -> tuple[type, ...]:
-    # Imported here: these modules pull in datasets/torch, which the CLI loads only when needed.
-    from posttrain.config import ConfigError
-    from posttrain.data.loading import DataError
-    from posttrain.models.loading import ModelError
-    from posttrain.scoring.scorer import ScoringError
-
-    return (UserError, ConfigError, DataError, ModelError, ScoringError)
-
-
 def _write_failure(error: BaseException, output_dir: str | None) -> str | None:
     where = f" under {output_dir}" if output_dir else ""
     for item in _chain(error):
@@ -106,7 +96,7 @@ def user_message(error: BaseException, output_dir: str | None = None) -> str | N
     """One line describing a foreseeable user error, or None for a bug.
 
     `output_dir` (when known) lets a write failure say where the run was writing."""
-    if isinstance(error, _project_types()):
+    if isinstance(error, UserError):  # ConfigError, DataError, ModelError, ScoringError too
         return one_line(str(error))
     if isinstance(error, ModuleNotFoundError):
         root = (error.name or "").split(".")[0]

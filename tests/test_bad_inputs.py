@@ -113,10 +113,11 @@ def test_out_of_range_number_is_one_line(sft, override, fragments):
 
 def test_cross_field_checks(tiny_model_dir, arithmetic_dir, tmp_path):
     kimi = rl_args(tiny_model_dir, arithmetic_dir, tmp_path, "[{name: accuracy}]")
+    kimi = [a.replace("grpo.", "kimi.", 1) if a.startswith("grpo.") else a for a in kimi]
     check_error(
         run_inprocess("kimi", REPO / "recipes/kimi_tiny.yaml", *kimi, "train.batch_size=6"),
         "train.batch_size=6",
-        "grpo.num_generations=4",
+        "kimi.num_generations=4",
     )
     ppo = [
         f"model.name_or_path={tiny_model_dir}",

@@ -221,7 +221,15 @@ class PPO(Algorithm):
                 "ppo does not support train.mixed_precision=fp16 (one GradScaler would unscale "
                 "the policy's and the critic's optimisers twice); use bf16"
             )
-        reject_unused(cfg, "ppo", {"data.format": "prompt rows", "data.packing": "sampled rows"})
+        reject_unused(
+            cfg,
+            "ppo",
+            {
+                "data.format": "prompt rows",
+                "data.packing": "sampled rows",
+                "data.truncation_side": "over-long prompts keep their last tokens (sft only)",
+            },
+        )
         if p.max_new_tokens >= cfg.data.max_length:
             raise ConfigError(
                 f"ppo: data.max_length={cfg.data.max_length} (prompt + completion) leaves no room "

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import datasets
 
-from posttrain.errors import one_line
+from posttrain.errors import UserError, one_line
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used; the message names the file, row or column."""
 
 

@@ -54,14 +54,18 @@ class PackedPreferenceBatch(TensorBatch):
 
 
 FORMAT_REASON = "preference rows always have prompt, chosen and rejected columns"
+TRUNCATION_REASON = "over-long pairs keep their first data.max_length tokens (sft only)"
 
 
 def check_packing_supported(cfg, model, notify=print) -> None:
-    """data.format is not read by preference trainers (rejected when set); data.packing stays on
+    """data.format and data.truncation_side are not read by preference trainers (rejected when
+    set); data.packing stays on
     only where the 4-D mask reproduces the model's own attention (attention_support.custom_mask:
     sdpa or eager, windows per layer type, no sinks); else a one-line notice and padded batches."""
     reject_unused(
-        cfg, type(cfg).__name__.removesuffix("Recipe").lower(), {"data.format": FORMAT_REASON}
+        cfg,
+        type(cfg).__name__.removesuffix("Recipe").lower(),
+        {"data.format": FORMAT_REASON, "data.truncation_side": TRUNCATION_REASON},
     )
     if cfg.data.packing and not fast_path(model, "custom_mask", notify):
         cfg.data.packing = False

@@ -54,7 +54,7 @@ class AttentionProfile:
 
 
 def _base_model(model):
-    from posttrain.rollout.logprobs import unwrap_model
+    from posttrain.utils import unwrap_model
 
     model = unwrap_model(model)
     return getattr(model, "base_model", model)

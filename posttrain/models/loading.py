@@ -19,11 +19,12 @@ from transformers import (
 )
 
 from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or tokenizer that cannot be loaded; the message names the path."""
 
 
@@ -126,7 +127,10 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            first = lines[0] if lines else type(e).__name__
+            # transformers refusing custom code says how to allow it on a later line
+            first += "".join(f" {line}" for line in lines[1:] if "trust_remote_code" in line)
             raise ModelError(
                 f"{cfg.name_or_path}: could not read the model config: {first}"
             ) from None

@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.scoring.rewards import resolve_reward
 
 logger = logging.getLogger(__name__)
 
 
-class ScoringError(RuntimeError):
+class ScoringError(UserError, RuntimeError):
     """A reward function broke its contract (e.g. returned the wrong number of scores)."""
 
 
