@@ -119,8 +119,9 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
 TRAINER_HELP = {
     "sft": "Supervised fine-tuning on chats, prompt/completion pairs or text.",
     "rm": "Train a scalar reward model (Bradley-Terry) on preference pairs.",
-    "dpo": "Preference optimisation: DPO, robust, hinge, IPO, SimPO.",
-    "grpo": "Online RL with group-relative advantages: GRPO, Dr. GRPO, DAPO (or Kimi loss).",
+    "dpo": "Preference optimisation: DPO, cDPO, robust, hinge, IPO, SimPO, ORPO.",
+    "kto": "KTO on unpaired desirable / undesirable completions.",
+    "grpo": "Online RL: GRPO, Dr. GRPO, DAPO, GSPO, CISPO; RLOO or REINFORCE++ advantages.",
     "kimi": "Kimi k1.5 policy optimisation (online mirror descent, length penalty, curriculum).",
     "ppo": "PPO actor-critic RLHF: a value-head critic, GAE, clipped losses, KL-penalised reward.",
 }

@@ -37,7 +37,7 @@ PER_ALGORITHM = {
     },
     "rm": {},
     "dpo": {
-        "dpo.label_smoothing": "read only by loss_type robust",
+        "dpo.label_smoothing": "read only by loss_types cdpo and robust",
         "dpo.gamma": "read only by loss_type simpo",
         "dpo.reference": "read only without precompute and with LoRA off when empty",
     },
@@ -47,12 +47,13 @@ PER_ALGORITHM = {
         "grpo.epsilon_low": "read by the loss (the default recipe's loss_type)",
     },
     "kimi": {},
+    "kto": {},
     "ppo": {
         "ppo.target_kl": "read only when ppo.kl_control is adaptive",
         "ppo.kl_horizon": "read only when ppo.kl_control is adaptive",
     },
 }
-DATA = {"rm": "preference", "dpo": "preference", "sft": "sft"}
+DATA = {"rm": "preference", "dpo": "preference", "sft": "sft", "kto": "kto"}
 
 
 class _Recorder:

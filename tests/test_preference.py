@@ -167,7 +167,7 @@ def hand_logps(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
     return sum(picked), len(picked)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo"])
 def test_every_dpo_variant_matches_the_formula(tiny_model_dir, arithmetic_dir, tmp_path, loss_type):
     """Each loss on a policy moved away from its reference equals the paper's formula computed
     here by hand from one unpadded forward per sequence (packing, batching and the reference
@@ -200,8 +200,13 @@ def test_every_dpo_variant_matches_the_formula(tiny_model_dir, arithmetic_dir, t
         sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
         if loss_type == "sigmoid":
             expected.append(-math.log(sig(beta * h)))
-        elif loss_type == "robust":
+        elif loss_type == "cdpo":
             expected.append(-(1 - eps) * math.log(sig(beta * h)) - eps * math.log(sig(-beta * h)))
+        elif loss_type == "robust":  # Chowdhury et al.'s unbiased loss
+            expected.append(
+                (-(1 - eps) * math.log(sig(beta * h)) + eps * math.log(sig(-beta * h)))
+                / (1 - 2 * eps)
+            )
         elif loss_type == "hinge":
             expected.append(max(0.0, 1.0 - beta * h))
         elif loss_type == "ipo":

@@ -1,4 +1,5 @@
-"""The DPO family (spec section 5): sigmoid (DPO), robust (cDPO), hinge (SLiC), IPO, SimPO.
+"""The DPO family (spec sections 5, 14): sigmoid (DPO), cdpo (label-smoothed), robust
+(Chowdhury et al.), hinge (SLiC), IPO, SimPO, ORPO.
 
 Chosen and rejected go through one concatenated forward pass; log-probs are summed over the
 completion tokens only. The reference is, in order of preference:
@@ -6,7 +7,7 @@ completion tokens only. The reference is, in order of preference:
   examples; no reference forward (and no reference weights) during training;
 - with LoRA: the policy itself with the adapter disabled (no second copy of the weights);
 - otherwise: a frozen copy (`dpo.reference` or the starting checkpoint).
-SimPO is reference-free and loads none.
+SimPO and ORPO are reference-free and load none.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
+REFERENCE_FREE = ("simpo", "orpo")  # no reference model is loaded for these
+
 
 @dataclass
 class DPOConfig:
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = "sigmoid"
-    """Which preference loss (spec section 5)."""
+    loss_type: Literal["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo"] = "sigmoid"
+    """Which preference loss (spec sections 5 and 14, docs/algorithms.md)."""
     beta: PositiveFloat = 0.1
-    """Inverse temperature β of the implicit reward."""
+    """Inverse temperature β of the implicit reward (for orpo: λ, the odds-ratio weight)."""
     label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
-    """ε of the robust (cDPO) loss: the assumed fraction of flipped labels."""
+    """ε of cdpo and robust: the assumed fraction of flipped labels (robust: < 0.5)."""
     gamma: NonNegativeFloat = 0.5
     """SimPO target reward margin γ."""
     precompute_ref_logps: bool = False
@@ -111,7 +114,7 @@ class DPO(OfflineAlgorithm):
             ).examples
         self.ref_forward_passes = 0
         self.reference = None
-        self.needs_reference = cfg.dpo.loss_type != "simpo"
+        self.needs_reference = cfg.dpo.loss_type not in REFERENCE_FREE
         if self.needs_reference:
             # Placed like the policy will be: sharded under FSDP2/ZeRO-3, replicated otherwise.
             self.reference = load_reference(cfg.model, cfg.dpo.reference, model, accelerator)

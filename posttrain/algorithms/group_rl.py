@@ -103,8 +103,22 @@ class GroupRL(Algorithm):
         """(rollout, rewards, metrics) after an optional filter of the groups (DAPO)."""
         return rollout, rewards, {}
 
-    def advantages(self, rewards: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    def advantages(
+        self,
+        rewards: torch.Tensor,
+        accelerator: Accelerator,
+        loss_mask: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(N,) per-sequence or (N, C) per-token advantages. old_logprobs: π_old (the engine's
+        sampling log-probs when num_iterations = 1); ref_logprobs: None unless `uses_kl`."""
         return torch.zeros_like(rewards)
+
+    def sampling_logprobs(self, rollout) -> torch.Tensor | None:
+        """The engine's sampling log-probs μ to carry in each PolicyBatch (rollout correction),
+        or None (the default: the loss does not read them)."""
+        return None
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -202,7 +216,6 @@ class GroupRL(Algorithm):
             step, accelerator, model, rollout, rewards, seed
         )
         metrics.update(refill_metrics)
-        advantages = self.advantages(rewards, accelerator)
         loss_mask = rollout.completion_mask.clone()
         if g.mask_truncated:
             loss_mask[rollout.truncated] = 0
@@ -230,11 +243,20 @@ class GroupRL(Algorithm):
                     cfg.train.batch_size,
                     self.group_size,
                 )
+        policy_old = rollout.logprobs if old is None else old
+        advantages = self.advantages(rewards, accelerator, loss_mask, policy_old, ref)
         metrics["rollout_seconds"] = time.perf_counter() - started
         self.rollout_metrics = reduce_means(accelerator, metrics)
         self.rollouts_done += 1
         return to_policy_batches(
-            rollout, advantages, rewards, loss_mask, old, ref, cfg.train.batch_size
+            rollout,
+            advantages,
+            rewards,
+            loss_mask,
+            old,
+            ref,
+            cfg.train.batch_size,
+            rollout_logprobs=self.sampling_logprobs(rollout),
         )
 
     def policy_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:

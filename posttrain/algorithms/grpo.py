@@ -1,7 +1,10 @@
-"""GRPO and its variants Dr. GRPO and DAPO (spec section 7) on group rollouts (group_rl.py).
+"""GRPO and its variants Dr. GRPO, DAPO (spec section 7), GSPO, GSPO-token and CISPO (section
+13) on group rollouts (group_rl.py).
 
-Rewards become group-relative advantages (`losses.grpo.group_advantages`); the clipped policy
-loss comes from `losses.grpo.POLICY_LOSSES[grpo.loss_type]`, whose aggregation fixes the loss
+Rewards become group-relative advantages (`losses.grpo.group_advantages`), or with
+`grpo.advantage` rloo / reinforce_pp those of `policy_objective.advantages`; the policy loss
+comes from `losses.policy.POLICY_LOSSES[grpo.loss_type]` (through `policy_objective.policy_loss`,
+which applies `grpo.rollout_correction` and the clip defaults), whose aggregation fixes the loss
 units (`num_units`). DAPO's dynamic sampling is `dapo.py` (its own `dapo:` section); Kimi k1.5
 is `kimi.py` (`posttrain kimi`, its own `kimi:` section).
 
@@ -18,24 +21,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
+from posttrain.algorithms import policy_objective
 from posttrain.algorithms.dapo import DAPOConfig, dynamic_sampling
 from posttrain.algorithms.group_rl import GroupRL, GroupRolloutSettings
 from posttrain.algorithms.rl_common import load_reference
 from posttrain.config import BaseRecipe, ConfigError, NonNegativeFloat, Range
-from posttrain.losses.grpo import POLICY_LOSSES, group_advantages
+from posttrain.losses.grpo import group_advantages
+from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.losses.types import LossOutput
 
 
 @dataclass
 class GRPOConfig(GroupRolloutSettings):
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    """Aggregation of the clipped objective (spec section 7); Kimi is `posttrain kimi`."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo"] = "grpo"
+    """Policy loss: the clipped objective's aggregations (spec section 7) or GSPO / GSPO-token /
+    CISPO (section 13, docs/algorithms.md); Kimi is `posttrain kimi`."""
+    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
+    """Advantage estimator: group-normalised, RLOO leave-one-out, or REINFORCE++ (KL in the
+    reward with coefficient beta, per-token returns normalised over the global batch)."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Rollout/trainer mismatch correction: TIS weights tokens by min(π_old/μ, cap), MIS drops
+    tokens whose ratio leaves [1/cap, cap]."""
+    rollout_correction_cap: Annotated[float, Range(gt=1)] = 2.0
+    """C of the rollout correction (> 1)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std, the batch std, or nothing."""
-    epsilon_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
-    """Lower clip ε_low of the ratio."""
-    epsilon_high: NonNegativeFloat = 0.2
-    """Upper clip ε_high (DAPO clip-higher: e.g. 0.28)."""
+    epsilon_low: Annotated[float, Range(ge=0, le=1)] | None = None
+    """Lower clip ε_low of the ratio; null: the loss's paper default (0.2; GSPO 3e-4; CISPO 1)."""
+    epsilon_high: NonNegativeFloat | None = None
+    """Upper clip ε_high (DAPO clip-higher: e.g. 0.28); null: 0.2, GSPO 4e-4, CISPO 4."""
     beta: NonNegativeFloat = 0.0
     """KL (k3) coefficient; the reference model is loaded only when β > 0."""
     reference: str = ""
@@ -87,12 +101,16 @@ class GRPO(GroupRL):
             )
         if self.cfg.grpo.loss_type not in POLICY_LOSSES:
             raise ConfigError(
-                f"grpo: loss_type {self.cfg.grpo.loss_type!r} has no loss in losses.grpo "
+                f"grpo: loss_type {self.cfg.grpo.loss_type!r} has no loss in losses.policy "
                 f"(known: {sorted(POLICY_LOSSES)})"
             )
+        policy_objective.validate(self.cfg.grpo)
 
     def uses_kl(self) -> bool:
         return self.cfg.grpo.beta > 0
+
+    def sampling_logprobs(self, rollout) -> torch.Tensor | None:
+        return rollout.logprobs  # μ, for grpo.rollout_correction
 
     def load_reference(self, model, accelerator: Accelerator):
         return load_reference(self.cfg.model, self.cfg.grpo.reference, model, accelerator)
@@ -102,8 +120,19 @@ class GRPO(GroupRL):
             return rollout, rewards, {}
         return dynamic_sampling(self, step, accelerator, model, rollout, rewards, seed)
 
-    def advantages(self, rewards: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    def advantages(
+        self,
+        rewards: torch.Tensor,
+        accelerator: Accelerator,
+        loss_mask: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None,
+    ) -> torch.Tensor:
         g = self.cfg.grpo
+        if g.advantage != "group":
+            return policy_objective.advantages(
+                g, rewards, loss_mask, old_logprobs, ref_logprobs, accelerator
+            )
         scale = "none" if g.loss_type == "dr_grpo" else g.scale_rewards
         if scale != "batch" or accelerator.num_processes == 1:
             return group_advantages(rewards, g.num_generations, scale)
@@ -115,7 +144,7 @@ class GRPO(GroupRL):
 
     def num_units(self, batch) -> int:
         g = self.cfg.grpo
-        if g.loss_type == "dapo":
+        if g.loss_type in policy_objective.TOKEN_UNIT_LOSSES:
             return int(batch.completion_mask.sum())
         if g.loss_type == "dr_grpo":
             return batch.num_sequences * g.max_new_tokens
@@ -125,18 +154,7 @@ class GRPO(GroupRL):
         g = self.cfg.grpo
         logprobs, entropy = self.policy_logprobs(model, batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-        out = POLICY_LOSSES[g.loss_type](
-            logprobs,
-            old,
-            batch.advantages,
-            batch.completion_mask,
-            g.loss_type,
-            g.epsilon_low,
-            g.epsilon_high,
-            g.beta,
-            batch.ref_logprobs,
-            g.max_new_tokens,
-        )
+        out = policy_objective.policy_loss(g, logprobs, old, batch)
         mask = batch.completion_mask.bool()
         out.metrics["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         return out

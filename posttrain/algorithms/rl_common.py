@@ -282,8 +282,10 @@ def to_policy_batches(
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     micro_batch: int,
+    rollout_logprobs: torch.Tensor | None = None,
 ) -> list[PolicyBatch]:
-    """Split a scored rollout into micro-batches of `micro_batch` sequences."""
+    """Split a scored rollout into micro-batches of `micro_batch` sequences (rollout_logprobs:
+    the engine's sampling log-probs, for the rollout-mismatch correction)."""
     batches = []
     for start in range(0, len(rollout), micro_batch):
         rows = slice(start, start + micro_batch)
@@ -299,6 +301,7 @@ def to_policy_batches(
                 old_logprobs=None if old_logprobs is None else old_logprobs[rows],
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
                 num_tokens=int(prompt_mask.sum() + completion_mask.sum()),
+                rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs[rows],
             )
         )
     return batches

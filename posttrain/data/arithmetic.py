@@ -9,6 +9,7 @@
 | preference_{split}.jsonl       | prompt, chosen, rejected          | rm, dpo         |
 | preference_all_train.jsonl     | prompt, chosen, rejected          | rm              |
 | rl_{split}.jsonl               | prompt, answer                    | grpo, ppo, eval |
+| kto_{split}.jsonl              | prompt, completion, label (bool)  | kto             |
 
 The held-out problems are a fixed set of operand pairs chosen by the seed before any training
 example is drawn, so no test problem (a, b) ever appears in train, in any format.
@@ -72,7 +73,13 @@ def _split_pairs(seed: int, n_test: int) -> tuple[list[tuple[int, int]], list[tu
 
 
 def _rows(pairs: list[tuple[int, int]], rng: random.Random) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {"sft": [], "prompt_completion": [], "preference": [], "rl": []}
+    out: dict[str, list[dict]] = {
+        "sft": [],
+        "prompt_completion": [],
+        "preference": [],
+        "rl": [],
+        "kto": [],
+    }
     for a, b in pairs:
         question = rng.choice(PROMPT_TEMPLATES).format(a=a, b=b)
         answer = str(a + b)
@@ -83,6 +90,9 @@ def _rows(pairs: list[tuple[int, int]], rng: random.Random) -> dict[str, list[di
         out["prompt_completion"].append({"prompt": user, "completion": reply})
         out["preference"].append({"prompt": user, "chosen": reply, "rejected": wrong})
         out["rl"].append({"prompt": user, "answer": answer})
+        # KTO's unpaired rows: the right answer is desirable, the mistake undesirable
+        out["kto"].append({"prompt": user, "completion": reply, "label": True})
+        out["kto"].append({"prompt": user, "completion": wrong, "label": False})
     return out
 
 

@@ -67,11 +67,12 @@ class PolicyBatch(TensorBatch):
     prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
     completion_ids: torch.Tensor  # (N, C) right-padded sampled tokens
     completion_mask: torch.Tensor  # (N, C) 1 on tokens that enter the loss
-    advantages: torch.Tensor  # (N,) sequence-level advantage (GRPO) or zeros
+    advantages: torch.Tensor  # (N,) sequence-level advantage (GRPO), (N, C) per token, or zeros
     rewards: torch.Tensor  # (N,) scalar reward of each completion
     old_logprobs: torch.Tensor | None  # (N, C) π_old; None means π_old = π_θ detached
     ref_logprobs: torch.Tensor | None  # (N, C) π_ref, when a KL term needs it
     num_tokens: int  # prompt + completion tokens, for throughput
+    rollout_logprobs: torch.Tensor | None = None  # (N, C) engine sampling log-probs μ (GRPO)
 
     @property
     def num_sequences(self) -> int:

@@ -3,6 +3,11 @@
 The maths is the algorithm reference (spec §3-§11); every module cites its paper and equation.
 """
 
+from posttrain.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from posttrain.losses.common import (
     entropy_from_logits,
     masked_mean,
@@ -14,21 +19,24 @@ from posttrain.losses.common import (
 from posttrain.losses.dpo import (
     DPO_LOSSES,
     PreferenceLogps,
+    cdpo_loss,
     hinge_loss,
     ipo_loss,
+    orpo_loss,
     robust_loss,
     sigmoid_loss,
     simpo_loss,
 )
 from posttrain.losses.grpo import (
     GRPO_LOSS_TYPES,
-    POLICY_LOSSES,
     group_advantages,
     grpo_policy_loss,
     k3_kl,
     overlong_penalty,
 )
+from posttrain.losses.gspo import cispo_loss, gspo_loss, gspo_token_loss
 from posttrain.losses.kimi import kimi_length_penalty, kimi_loss
+from posttrain.losses.kto import kto_loss
 from posttrain.losses.moe import (
     aux_free_bias_update,
     expert_load,
@@ -45,6 +53,8 @@ from posttrain.losses.mtp import (
     speculative_accept,
     speculative_accept_rows,
 )
+from posttrain.losses.orpo import odds_ratio_loss
+from posttrain.losses.policy import CLIP_DEFAULTS, POLICY_LOSSES
 from posttrain.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -54,15 +64,28 @@ from posttrain.losses.ppo import (
     ppo_value_loss,
 )
 from posttrain.losses.reward import bradley_terry_loss
+from posttrain.losses.rollout_correction import ROLLOUT_CORRECTIONS
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "cdpo_loss",
+    "orpo_loss",
+    "cispo_loss",
+    "gspo_loss",
+    "gspo_token_loss",
+    "kto_loss",
+    "odds_ratio_loss",
+    "CLIP_DEFAULTS",
+    "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
     "DPO_LOSSES",
     "GRPO_LOSS_TYPES",
     "AdaptiveKLController",
     "FixedKLController",
-    "POLICY_LOSSES",
     "LossOutput",
     "PreferenceLogps",
     "aux_free_bias_update",

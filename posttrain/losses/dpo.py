@@ -3,17 +3,22 @@
 With h = [log π(y_w) - log π_ref(y_w)] - [log π(y_l) - log π_ref(y_l)]:
 
 - sigmoid: DPO, Rafailov et al. 2023, eq. 7: -log σ(β h)
-- robust: conservative DPO (cDPO, Mitchell 2023) with label smoothing ε:
-  -(1-ε) log σ(β h) - ε log σ(-β h). This is the spec's formula; TRL's "robust" loss
-  (Chowdhury et al. 2024) additionally divides by (1 - 2ε), which we deliberately do not.
+- cdpo: conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"), label
+  smoothing ε: -(1-ε) log σ(β h) - ε log σ(-β h). A smoothed target: the optimum keeps
+  σ(β h) at 1-ε instead of pushing h to infinity. (This was called "robust" before.)
+- robust: the unbiased loss of Chowdhury et al. 2024 ("Provably robust DPO"), eq. 9, TRL's
+  "robust": (-(1-ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε). Note the PLUS sign: it debiases the
+  loss under a flip rate ε (its expectation over noisy labels is the clean DPO loss) rather
+  than smoothing the target; needs ε < 1/2.
 - hinge: SLiC-HF, Zhao et al. 2023, eq. 2 (calibration term only): max(0, 1 - β h)
 - ipo: Azar et al. 2023, eq. 17: (h - 1/(2β))², with every logp (policy and reference)
   divided by its completion length, as in TRL
 - simpo: Meng et al. 2024, eq. 6 (reference-free): -log σ(β/|y_w| log π(y_w) - β/|y_l| log π(y_l) - γ)
+- orpo: Hong et al. 2024, eq. 6-7 (reference-free; losses/orpo.py), β is ORPO's λ.
 
-All five share one signature so a trainer can dispatch through `DPO_LOSSES[cfg.loss_type]`;
-a hyperparameter a variant does not use is ignored (label_smoothing only matters to "robust",
-gamma only to "simpo").
+All of them share one signature so a trainer can dispatch through `DPO_LOSSES[cfg.loss_type]`;
+a hyperparameter a variant does not use is ignored (label_smoothing only matters to "cdpo" and
+"robust", gamma only to "simpo").
 
 Logged implicit rewards are β·(log π - log π_ref) (for ipo with the length-averaged logps that
 enter h, so rewards_margin = β·mean(h); for simpo β·log π/|y|). logps_chosen/rejected are the
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from posttrain.losses.orpo import odds_ratio_loss
 from posttrain.losses.types import LossOutput
 
 
@@ -92,14 +98,27 @@ def sigmoid_loss(
     return _output(losses, beta * chosen_ratio, beta * rejected_ratio, logps)
 
 
-def robust_loss(
+def cdpo_loss(
     logps: PreferenceLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
 ) -> LossOutput:
     """cDPO: -(1-ε) log σ(β h) - ε log σ(-β h), ε = label_smoothing."""
-    chosen_ratio, rejected_ratio = _log_ratios(logps, "robust")
+    chosen_ratio, rejected_ratio = _log_ratios(logps, "cdpo")
     logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
     eps = label_smoothing
     losses = -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    return _output(losses, beta * chosen_ratio, beta * rejected_ratio, logps)
+
+
+def robust_loss(
+    logps: PreferenceLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
+) -> LossOutput:
+    """Robust DPO (Chowdhury et al.): (-(1-ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε)."""
+    eps = label_smoothing
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"the 'robust' loss needs 0 <= label_smoothing < 0.5, got {eps}")
+    chosen_ratio, rejected_ratio = _log_ratios(logps, "robust")
+    logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
+    losses = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2 * eps)
     return _output(losses, beta * chosen_ratio, beta * rejected_ratio, logps)
 
 
@@ -133,9 +152,24 @@ def simpo_loss(
     return _output(losses, rewards_chosen, rewards_rejected, logps)
 
 
+def orpo_loss(
+    logps: PreferenceLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
+) -> LossOutput:
+    """ORPO in the DPO signature (β is ORPO's λ; no reference); see losses/orpo.py."""
+    return odds_ratio_loss(
+        logps.chosen,
+        logps.rejected,
+        _need(logps.chosen_lengths, "chosen_lengths", "orpo"),
+        _need(logps.rejected_lengths, "rejected_lengths", "orpo"),
+        beta,
+    )
+
+
 DPO_LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sigmoid": sigmoid_loss,
+    "cdpo": cdpo_loss,
     "robust": robust_loss,
+    "orpo": orpo_loss,
     "hinge": hinge_loss,
     "ipo": ipo_loss,
     "simpo": simpo_loss,

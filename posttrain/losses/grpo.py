@@ -20,8 +20,6 @@ logprobs.detach(): ρ = 1 in value while the gradient still flows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from posttrain.losses.common import masked_mean, masked_sum
@@ -76,10 +74,13 @@ def grpo_policy_loss(
     beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped surrogate with `loss_type` aggregation (see module docstring).
 
-    logprobs, old_logprobs, ref_logprobs, completion_mask: (N, T); advantages: (N,).
+    logprobs, old_logprobs, ref_logprobs, completion_mask: (N, T); advantages: (N,) or (N, T)
+    (per-token, e.g. REINFORCE++). token_weights: (N, T) detached rollout-correction weights
+    (TIS) multiplying each token's clipped term (not the KL term).
     Metrics (means over completion tokens): clip_fraction, clip_fraction_low (ρ < 1-ε_low with
     Â < 0), clip_fraction_high (ρ > 1+ε_high with Â > 0), ratio_mean, and kl (mean k3) whenever
     ref_logprobs is given.
@@ -91,10 +92,13 @@ def grpo_policy_loss(
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (L_max)")
     mask = completion_mask.bool()  # (N, T)
-    adv = advantages.float().unsqueeze(1)  # (N, 1)
+    adv = advantages.float()
+    adv = adv.unsqueeze(1) if adv.ndim == 1 else adv  # (N, 1) or (N, T)
     ratio = torch.exp(logprobs.float() - old_logprobs.float())  # (N, T)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # (N, T)
     objective = torch.minimum(ratio * adv, clipped * adv)  # (N, T) ℓ before the KL term
+    if token_weights is not None:
+        objective = objective * token_weights.float().detach()
     kl = None if ref_logprobs is None else k3_kl(logprobs.float(), ref_logprobs.float())
     if beta != 0.0:
         objective = objective - beta * kl
@@ -137,8 +141,3 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) 
     ramp = (safe - lengths) / cache_length  # (N,) in [-1, 0) on the ramp
     penalty = torch.where(lengths <= safe, torch.zeros_like(lengths), ramp)
     return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
-
-
-# The clipped policy losses by `grpo.loss_type`: the trainer looks the loss up here, so a new
-# variant is one entry (its aggregation is `units`, see the module docstring).
-POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {t: grpo_policy_loss for t in GRPO_LOSS_TYPES}

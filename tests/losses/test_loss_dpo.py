@@ -14,6 +14,7 @@ import torch
 from posttrain.losses.dpo import (
     DPO_LOSSES,
     PreferenceLogps,
+    cdpo_loss,
     hinge_loss,
     ipo_loss,
     robust_loss,
@@ -55,15 +56,39 @@ def test_sigmoid_loss_value_metrics_and_grad():
     torch.testing.assert_close(logps.chosen.grad, torch.tensor([-0.5 / (1 + math.e), -0.25]))
 
 
-def test_robust_loss_is_cdpo():
-    out = robust_loss(make_logps(), beta=0.5, label_smoothing=0.1)
+def sigma(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_cdpo_loss_is_label_smoothed():
+    logps = make_logps(requires_grad=True)
+    out = cdpo_loss(logps, beta=0.5, label_smoothing=0.1)
     # pair 0: 0.9 * ln(1 + e^-1) + 0.1 * ln(1 + e); pair 1 (β h = 0): 0.9 ln2 + 0.1 ln2
     expected = 0.9 * softplus(-1) + 0.1 * softplus(1) + math.log(2)
     assert math.isclose(out.total.item(), expected, rel_tol=1e-6)
+    # d/dz = -(1-ε) σ(-z) + ε σ(z), times dz/d logπ(y_w) = β
+    out.total.backward()
+    grad = [0.5 * (-0.9 * sigma(-1) + 0.1 * sigma(1)), 0.5 * (-0.9 * 0.5 + 0.1 * 0.5)]
+    torch.testing.assert_close(logps.chosen.grad, torch.tensor(grad))
     # ε = 0 is plain DPO
     assert math.isclose(
-        robust_loss(make_logps(), beta=0.5).total.item(), softplus(-1) + math.log(2), rel_tol=1e-6
+        cdpo_loss(make_logps(), beta=0.5).total.item(), softplus(-1) + math.log(2), rel_tol=1e-6
     )
+
+
+def test_robust_loss_is_unbiased_chowdhury():
+    logps = make_logps(requires_grad=True)
+    out = robust_loss(logps, beta=0.5, label_smoothing=0.1)
+    # (-(1-ε) log σ(z) + ε log σ(-z)) / (1-2ε) = ((1-ε) softplus(-z) - ε softplus(z)) / (1-2ε)
+    # pair 0 (z = 1): (0.9 softplus(-1) - 0.1 softplus(1)) / 0.8; pair 1 (z = 0): 0.8 ln2 / 0.8
+    expected = (0.9 * softplus(-1) - 0.1 * softplus(1)) / 0.8 + math.log(2)
+    assert math.isclose(out.total.item(), expected, rel_tol=1e-6)
+    # d/dz = -((1-ε) σ(-z) + ε σ(z)) / (1-2ε), times β
+    out.total.backward()
+    grad = [-0.5 * (0.9 * sigma(-1) + 0.1 * sigma(1)) / 0.8, -0.5 * 0.5 / 0.8]
+    torch.testing.assert_close(logps.chosen.grad, torch.tensor(grad))
+    with pytest.raises(ValueError, match="label_smoothing < 0.5"):
+        robust_loss(make_logps(), beta=0.5, label_smoothing=0.5)
 
 
 def test_hinge_loss():
@@ -104,5 +129,5 @@ def test_missing_fields_raise_and_registry_is_complete():
     )  # fmt: skip
     with pytest.raises(ValueError, match="chosen_lengths"):
         ipo_loss(no_lengths, beta=0.1)
-    assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "simpo"}
+    assert set(DPO_LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo"}
     assert DPO_LOSSES["ipo"] is ipo_loss and DPO_LOSSES["simpo"] is simpo_loss
