@@ -117,7 +117,6 @@ class SFT(OfflineAlgorithm):
         model = load_causal_lm(cfg.model)
         # Padding-free rows need the model to mask them (attention_support.sft_packing).
         self.attention = profile(model)
-        self.pack_mode = sft_packing(self.attention)[0] if cfg.data.packing else "padded"
         if cfg.data.packing:
             fast_path(model, "sft_packing", accelerator.print)
         if cfg.model.lora.r > 0:
@@ -155,13 +154,9 @@ class SFT(OfflineAlgorithm):
         return model
 
     def collate(self, examples: list[EncodedExample]):
-        return collate_sft(
-            examples,
-            self.tokenizer.pad_token_id,
-            self.cfg.data.max_length,
-            self.pack_mode,
-            self.attention,
-        )
+        mode = sft_packing(self.attention)[0] if self.cfg.data.packing else "padded"
+        pad_id, row_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
+        return collate_sft(examples, pad_id, row_length, mode, self.attention)
 
     def num_units(self, batch) -> int:
         return batch.num_loss_tokens
