@@ -36,6 +36,7 @@ from posttrain.algorithms.rl_common import (
     process_share,
     reduce_means,
     reference_logprobs,
+    rollout_metrics,
     to_policy_batches,
 )
 from posttrain.config import ConfigError, PositiveInt, Range, reject_unused
@@ -202,16 +203,10 @@ class GroupRL(Algorithm):
         rollout, scores, stats = self.generate(model, accelerator, indices, seed)
         rewards, extra = self.score(scores, step, indices)
         metrics = {
-            **scores.metrics,
+            **rollout_metrics(rollout, scores, stats),
             **extra,
             "zero_std_fraction": float((~group_spread(rewards, g.num_generations)).float().mean()),
-            "completion_length": float(rollout.lengths.float().mean()),
-            "truncation_rate": float(rollout.truncated.float().mean()),
-            "prompts_truncated": stats["prompts_truncated"],
-            "rollout_tokens_per_s": stats["tokens_per_s"],
         }
-        if "accuracy" in scores.per_function:
-            metrics["accuracy"] = float(scores.per_function["accuracy"].mean())
         rollout, rewards, refill_metrics = self.refill(
             step, accelerator, model, rollout, rewards, seed
         )

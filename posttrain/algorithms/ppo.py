@@ -72,6 +72,7 @@ from posttrain.algorithms.rl_common import (
     process_share,
     reduce_means,
     reference_logprobs,
+    rollout_metrics,
 )
 from posttrain.config import (
     BaseRecipe,
@@ -288,16 +289,10 @@ class PPO(Algorithm):
             scores, old, ref, values, mask, beta, p, accelerator
         )
         metrics = {
-            **scored.metrics,
+            **rollout_metrics(rollout, scored, stats),
             **shaped,
             "score": float(scored.rewards.mean()),
-            "completion_length": float(rollout.lengths.float().mean()),
-            "truncation_rate": float(rollout.truncated.float().mean()),
-            "rollout_tokens_per_s": stats["tokens_per_s"],
-            "prompts_truncated": stats["prompts_truncated"],
         }
-        if "accuracy" in scored.per_function:
-            metrics["accuracy"] = float(scored.per_function["accuracy"].mean())
         metrics["rollout_seconds"] = time.perf_counter() - started
         self.rollout_metrics = reduce_means(accelerator, metrics)
         # β is the same on every process: it follows the process-averaged KL.

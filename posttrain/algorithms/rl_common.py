@@ -214,6 +214,22 @@ def generate_and_score(
     return rollout, scored, {**engine.last_stats, "prompts_truncated": truncated / len(prompts)}
 
 
+def rollout_metrics(rollout: RolloutBatch, scored, stats: dict) -> dict[str, float]:
+    """This process's metrics of a scored rollout that every online trainer logs: the scorer's
+    own, lengths, truncation (of completions and of prompts), sampling speed and, when an
+    `accuracy` reward ran, its mean."""
+    metrics = {
+        **scored.metrics,
+        "completion_length": float(rollout.lengths.float().mean()),
+        "truncation_rate": float(rollout.truncated.float().mean()),
+        "prompts_truncated": stats["prompts_truncated"],
+        "rollout_tokens_per_s": stats["tokens_per_s"],
+    }
+    if "accuracy" in scored.per_function:
+        metrics["accuracy"] = float(scored.per_function["accuracy"].mean())
+    return metrics
+
+
 @torch.no_grad()
 def greedy_accuracy(
     policy, tokenizer, data, limit: int, max_new_tokens: int, accelerator: Accelerator

@@ -92,3 +92,29 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     if not chunks:  # no positions at all
         return flat.new_zeros(logits.shape[:-1], dtype=_upcast(flat).dtype)
     return torch.cat(chunks).reshape(logits.shape[:-1])
+
+
+@torch.no_grad()
+def clip_metrics(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """How often each side of a PPO-style clip binds (a side binds only where it limits the
+    objective: the lower one for negative advantages, the upper one for positive), the mean
+    ratio over `mask`, and the mean KL over `kl_mask` (default `mask`) when one is given."""
+    low = (ratio < 1.0 - eps_low) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    metrics = {
+        "clip_fraction": masked_mean((low | high).float(), mask),
+        "clip_fraction_low": masked_mean(low.float(), mask),
+        "clip_fraction_high": masked_mean(high.float(), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+    if kl is not None:
+        metrics["kl"] = masked_mean(kl, mask if kl_mask is None else kl_mask)
+    return metrics

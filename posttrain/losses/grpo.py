@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.common import masked_mean, masked_sum
+from posttrain.losses.common import clip_metrics, masked_sum
 from posttrain.losses.types import LossOutput
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -116,17 +116,7 @@ def grpo_policy_loss(
         total = masked_sum(token_loss, mask)
         units = mask.sum().float()
 
-    with torch.no_grad():
-        low = (ratio < 1.0 - eps_low) & (adv < 0)  # (N, T) lower clip binds
-        high = (ratio > 1.0 + eps_high) & (adv > 0)  # (N, T) upper clip binds
-        metrics = {
-            "clip_fraction": masked_mean((low | high).float(), mask),
-            "clip_fraction_low": masked_mean(low.float(), mask),
-            "clip_fraction_high": masked_mean(high.float(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, mask)
+    metrics = clip_metrics(ratio, adv, eps_low, eps_high, mask, kl)
     return LossOutput(total=total, units=units, metrics=metrics)
 
 

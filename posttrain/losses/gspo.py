@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.common import masked_mean, masked_sum
+from posttrain.losses.common import clip_metrics, masked_mean, masked_sum
 from posttrain.losses.grpo import k3_kl
 from posttrain.losses.types import LossOutput
 
@@ -79,17 +79,7 @@ def gspo_loss(
         objective = objective - beta * masked_mean(kl, mask, dim=1)
     has_tokens = mask.any(dim=1)  # a fully masked sequence (e.g. truncated) contributes nothing
     total = -(objective.masked_fill(~has_tokens, 0.0)).sum()
-    with torch.no_grad():
-        low = (seq_ratio < 1.0 - eps_low) & (adv < 0)
-        high = (seq_ratio > 1.0 + eps_high) & (adv > 0)
-        metrics = {
-            "clip_fraction": masked_mean((low | high).float(), has_tokens),
-            "clip_fraction_low": masked_mean(low.float(), has_tokens),
-            "clip_fraction_high": masked_mean(high.float(), has_tokens),
-            "ratio_mean": masked_mean(seq_ratio, has_tokens),
-        }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, mask)
+    metrics = clip_metrics(seq_ratio, adv, eps_low, eps_high, has_tokens, kl, kl_mask=mask)
     return LossOutput(total, _units(float(logprobs.shape[0]), logprobs.device), metrics)
 
 
@@ -125,17 +115,7 @@ def gspo_token_loss(
         objective = objective - beta * kl
     seq_lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
     total = (masked_sum(-objective, mask, dim=1) / seq_lengths).sum()
-    with torch.no_grad():
-        low = (ratio < 1.0 - eps_low) & (adv < 0)
-        high = (ratio > 1.0 + eps_high) & (adv > 0)
-        metrics = {
-            "clip_fraction": masked_mean((low | high).float(), mask),
-            "clip_fraction_low": masked_mean(low.float(), mask),
-            "clip_fraction_high": masked_mean(high.float(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, mask)
+    metrics = clip_metrics(ratio, adv, eps_low, eps_high, mask, kl)
     return LossOutput(total, _units(float(logprobs.shape[0]), logprobs.device), metrics)
 
 
