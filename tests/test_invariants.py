@@ -9,7 +9,6 @@ from cli_helpers import REPO, sft_overrides
 from posttrain.algorithms.sft import SFT, SFTRecipe, forward_logits
 from posttrain.config import load_recipe
 from posttrain.losses.sft import cross_entropy_loss
-from posttrain.models.attention_support import sft_packing
 from posttrain.train.loop import accumulate_gradients
 
 
@@ -67,9 +66,7 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, arithmetic_dir, tmp_path):
     model.eval()
     with torch.no_grad():
         padded = algo.collate(examples)
-        # what setup decides for data.packing=true on this model (sdpa llama: position_ids)
-        algo.pack_mode = sft_packing(algo.attention)[0]
-        assert algo.pack_mode != "padded"
+        algo.cfg.data.packing = True
         packed = algo.collate(examples)
         assert packed.input_ids.shape[0] < padded.input_ids.shape[0]  # really packed
         lp = cross_entropy_loss(forward_logits(model, padded), padded.labels)
