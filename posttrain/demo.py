@@ -160,6 +160,7 @@ STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "rm": stage_rm,
     "dpo": policy_stage("dpo", "dpo", "dpo_tiny.yaml"),
     "grpo": policy_stage("grpo", "grpo", "grpo_tiny.yaml"),
+    "gspo": policy_stage("gspo", "grpo", "grpo_tiny_gspo.yaml"),
     "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
     "ppo": policy_stage("ppo", "ppo", "ppo_tiny.yaml"),
     # needs stage rm before it
