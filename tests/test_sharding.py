@@ -57,26 +57,32 @@ def assert_final_matches(one, two, atol=1e-4):
     )
 
 
+def one_and_two(command, recipe, overrides, tmp_path, common, one_batch, two_extra, env=None):
+    """Run `command` on 1 process (batch `one_batch`) and on 2 torchrun processes (with
+    `two_extra`, e.g. half the batch and a sharding), same global batch; returns both output
+    directories and the 2-process output text. `overrides(out, **values)` builds the overrides."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_cli(
+        command, recipe, *overrides(one, **common, **{"train.batch_size": one_batch}), env=env
+    )
+    assert single.returncode == 0, single.stderr
+    sharded = run_torchrun(command, recipe, *overrides(two, **common, **two_extra), env=env)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    return one, two, sharded.stdout + sharded.stderr
+
+
 def test_fsdp2_sft_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_path):
     """Acceptance 1: 20 steps of sft_tiny, FSDP2 on 2 processes vs 1 process, same global batch."""
     common = {"train.max_steps": 20, "optim.lr": 3e-3, "logging.log_every": 1}
-    one = tmp_path / "one"
-    single = run_cli(
+    one, two, _ = one_and_two(
         "sft",
         "recipes/sft_tiny.yaml",
-        *sft_overrides(tiny_model_dir, arithmetic_dir, one, **common, **{"train.batch_size": 8}),
+        lambda out, **v: sft_overrides(tiny_model_dir, arithmetic_dir, out, **v),
+        tmp_path,
+        common,
+        8,
+        {"train.batch_size": 4, "train.sharding": "fsdp2"},
     )
-    assert single.returncode == 0, single.stderr
-    two = tmp_path / "two"
-    args = sft_overrides(
-        tiny_model_dir,
-        arithmetic_dir,
-        two,
-        **common,
-        **{"train.batch_size": 4, "train.sharding": "fsdp2"},
-    )
-    sharded = run_torchrun("sft", "recipes/sft_tiny.yaml", *args)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert_sharded(two)
     assert_same_curves(one, two)
     assert records(one)[-1]["loss"] < records(one)[0]["loss"]
@@ -86,22 +92,15 @@ def test_fsdp2_sft_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_pa
 def test_fsdp2_dpo_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_path):
     """The frozen reference is sharded too; evaluation pads the shorter rank's batches."""
     common = {"train.max_steps": 3, "optim.lr": 1e-3, "data.max_eval_examples": 13}
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_cli(
+    one, two, _ = one_and_two(
         "dpo",
         "recipes/dpo_tiny.yaml",
-        *pref_overrides(tiny_model_dir, arithmetic_dir, one, **common, **{"train.batch_size": 4}),
+        lambda out, **v: pref_overrides(tiny_model_dir, arithmetic_dir, out, **v),
+        tmp_path,
+        common,
+        4,
+        {"train.batch_size": 2, "train.sharding": "fsdp2"},
     )
-    assert single.returncode == 0, single.stderr
-    args = pref_overrides(
-        tiny_model_dir,
-        arithmetic_dir,
-        two,
-        **common,
-        **{"train.batch_size": 2, "train.sharding": "fsdp2"},
-    )
-    sharded = run_torchrun("dpo", "recipes/dpo_tiny.yaml", *args)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert_sharded(two)
     assert_same_curves(one, two, keys=("loss", "eval/loss", "eval/rewards_accuracy")[:1])
     last_one, last_two = records(one)[-1], records(two)[-1]
@@ -127,23 +126,16 @@ def test_fsdp2_grpo_matches_single_process(tiny_model_dir, arithmetic_dir, tmp_p
         "data.eval_path": "",
         "grpo.rewards": "[{name: 'spread_reward:distinct'}]",
     }
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_cli(
+    one, two, _ = one_and_two(
         "grpo",
         "recipes/grpo_tiny.yaml",
-        *rl_overrides(tiny_model_dir, arithmetic_dir, one, **common),
+        lambda out, **v: rl_overrides(tiny_model_dir, arithmetic_dir, out, **v),
+        tmp_path,
+        common,
+        16,
+        {"train.batch_size": 8, "train.sharding": "fsdp2"},
         env=env,
     )
-    assert single.returncode == 0, single.stderr
-    args = rl_overrides(
-        tiny_model_dir,
-        arithmetic_dir,
-        two,
-        **common,
-        **{"train.batch_size": 8, "train.sharding": "fsdp2"},
-    )
-    sharded = run_torchrun("grpo", "recipes/grpo_tiny.yaml", *args, env=env)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert_sharded(two)
     assert all(r["rewards/std"] > 0 for r in records(one))  # real advantages
     assert_same_curves(one, two, keys=("loss", "rewards/mean", "completion_length"))
@@ -376,28 +368,22 @@ def test_fsdp2_with_gradient_checkpointing_and_offload_keys(
     """model.gradient_checkpointing and train.cpu_offload compose with FSDP2 (on CPU the
     offload steps aside with a notice: the shards are in CPU memory already)."""
     common = {"train.max_steps": 3, "optim.lr": 3e-3}
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_cli(
+    two_extra = {
+        "train.batch_size": 4,
+        "train.sharding": "fsdp2",
+        "train.cpu_offload": "true",
+        "model.gradient_checkpointing": "true",
+    }
+    one, two, output = one_and_two(
         "sft",
         "recipes/sft_tiny.yaml",
-        *sft_overrides(tiny_model_dir, arithmetic_dir, one, **common, **{"train.batch_size": 8}),
+        lambda out, **v: sft_overrides(tiny_model_dir, arithmetic_dir, out, **v),
+        tmp_path,
+        common,
+        8,
+        two_extra,
     )
-    assert single.returncode == 0, single.stderr
-    args = sft_overrides(
-        tiny_model_dir,
-        arithmetic_dir,
-        two,
-        **common,
-        **{
-            "train.batch_size": 4,
-            "train.sharding": "fsdp2",
-            "train.cpu_offload": "true",
-            "model.gradient_checkpointing": "true",
-        },
-    )
-    sharded = run_torchrun("sft", "recipes/sft_tiny.yaml", *args)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert "shards are in CPU memory already" in sharded.stdout + sharded.stderr
+    assert "shards are in CPU memory already" in output
     assert_sharded(two)
     assert_same_curves(one, two)
 
