@@ -18,15 +18,21 @@ from rich.table import Table
 
 from posttrain.config import ConfigError, load_recipe
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The bundled recipes: inside the installed package (setup.py ships recipes/ as
+# posttrain.recipes), or the top-level recipes/ of a checkout (editable install, PYTHONPATH).
+RECIPES_DIRS = (
+    Path(__file__).resolve().parent / "recipes",
+    Path(__file__).resolve().parent.parent / "recipes",
+)
 EVAL_MAX_NEW_TOKENS = 8
 
 
 def recipe_path(name: str) -> Path:
-    path = RECIPES_DIR / name
-    if not path.is_file():
-        raise ConfigError(f"demo recipe not found: {path} (run the demo from a posttrain checkout)")
-    return path
+    for folder in RECIPES_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    tried = ", ".join(str(folder) for folder in RECIPES_DIRS)
+    raise ConfigError(f"demo recipe {name} not found in {tried} (reinstall posttrain)")
 
 
 class DemoContext:
