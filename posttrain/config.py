@@ -213,6 +213,14 @@ class TrainConfig:
     also works under torchrun on CPU; deepspeed_* need CUDA and the deepspeed extra."""
     cpu_offload: bool = False
     """Keep sharded parameters and optimizer state in CPU memory (fsdp2 or DeepSpeed only)."""
+    save_hf_checkpoints: bool = False
+    """Also write each checkpoint's model in Hugging Face format (checkpoints/step-N/hf/)."""
+    push_to_hub: bool = False
+    """Upload final/ to the Hugging Face Hub as hub_model_id when training ends."""
+    hub_model_id: str = ""
+    """Hub repository 'user/name' for push_to_hub (checked with the network before training)."""
+    hub_private: bool = True
+    """Create the Hub repository private (push_to_hub); false makes a new one public."""
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A rename within one file system is atomic, so `checkpoints/step-000100` either exists complete
 or not at all; a process killed mid-save leaves only a `.tmp-*` directory, which the next run
 ignores and removes. Accelerate's save_state writes the model (safetensors), optimizer,
-GradScaler, RNG states of every process and registered objects (scheduler, loop state).
+GradScaler, RNG states of every process and registered objects (scheduler, loop state); with
+`train.save_hf_checkpoints` also the model in Hugging Face format (`step-N/hf/`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PREFIX = "step-"
 # reproduce a crash deterministically; unset, it costs one environment lookup per save.
 FAULT_ENV = "POSTTRAIN_FAULT_INJECT"
 COMPLETE_MARKER = "complete.json"
+HF_DIR = "hf"  # step-N/hf: the model in Hugging Face format (train.save_hf_checkpoints)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -53,8 +55,11 @@ def save_checkpoint(
     step: int,
     keep: int,
     extra_files: dict[str, str] | None = None,
+    write_hf: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save the full training state for `step`; every process must call this."""
+    """Save the full training state for `step`; every process must call this. `write_hf(dir)`
+    (train.save_hf_checkpoints) also writes the model as a Hugging Face checkpoint into
+    `step-N/hf/`, inside the same atomic rename, so `from_pretrained(step-N/hf)` loads it."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}"
@@ -70,6 +75,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if write_hf is not None:
+            write_hf(tmp / HF_DIR)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
         _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after resume): replace it

@@ -7,6 +7,7 @@ save of a sharded model would deadlock or write shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from posttrain.algorithms.base import Algorithm, Trainable
 from posttrain.config import BaseRecipe, save_config
 from posttrain.models.moe import MoEObjective
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.hub import push_final
+from posttrain.train.model_card import model_card
 
 
 def save_final(
@@ -26,9 +29,35 @@ def save_final(
     trained: list[Trainable],
     moe: MoEObjective | None,
     step: int,
+    metrics: dict | None = None,
 ) -> Path:
-    """`final/` as a plain Hugging Face checkpoint, written atomically. Sharded models are
-    gathered into full state dicts first, a collective every rank joins."""
+    """`final/` as a plain Hugging Face checkpoint with a model card (README.md), written
+    atomically, then pushed to the Hub with `train.push_to_hub`. Sharded models are gathered
+    into full state dicts first, a collective every rank joins."""
+    write_model = model_writer(accelerator, cfg, algorithm, trained, moe)
+
+    def write(path: Path) -> None:
+        write_model(path)
+        (path / "README.md").write_text(model_card(cfg, algorithm.name, step, metrics))
+
+    final = ckpt.save_final(accelerator, cfg.train.output_dir, step, write)
+    if cfg.train.push_to_hub and accelerator.is_main_process:
+        url = push_final(cfg.train, final)
+        accelerator.print(f"pushed {final} to {url}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def model_writer(
+    accelerator: Accelerator,
+    cfg: BaseRecipe,
+    algorithm: Algorithm,
+    trained: list[Trainable],
+    moe: MoEObjective | None,
+) -> Callable[[Path], None]:
+    """`write(path)` that saves the trained model as a Hugging Face checkpoint into `path` (on
+    the main process). Every rank must call this: under sharding it gathers the full state
+    dicts now (a collective), so `write` itself runs on the main process alone."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     state_dicts = {
         t.name: accelerator.get_state_dict(t.module) if sharded else None for t in trained
@@ -43,7 +72,7 @@ def save_final(
             moe.save(path)
         save_config(cfg, path / "posttrain_config.yaml")
 
-    return ckpt.save_final(accelerator, cfg.train.output_dir, step, write)
+    return write
 
 
 def without_tied_duplicates(model: torch.nn.Module, state_dict: dict) -> dict:

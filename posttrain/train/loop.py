@@ -39,7 +39,8 @@ from posttrain.config import BaseRecipe, save_config
 from posttrain.models.moe import MoEObjective
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import make_accelerator
-from posttrain.train.final import save_final
+from posttrain.train.final import model_writer, save_final
+from posttrain.train.hub import check_hub_ready
 from posttrain.train.logging import MetricsLogger, ProgressBar
 from posttrain.train.memory import gradient_bytes, parameter_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -87,6 +88,7 @@ class TrainResult:
 def train(
     cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
 ) -> TrainResult:
+    check_hub_ready(cfg.train)  # push_to_hub that cannot work: one line now, not after training
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
@@ -204,11 +206,14 @@ def train(
                 state.step,
                 cfg.train.keep_checkpoints,
                 extra_files={"config.yaml": (out / "config.yaml").read_text()} if main else None,
+                write_hf=model_writer(accelerator, cfg, algorithm, trained, moe)
+                if cfg.train.save_hf_checkpoints
+                else None,
             )
 
     bar.close()
     logger.close()
-    final = save_final(accelerator, cfg, algorithm, trained, moe, state.step)
+    final = save_final(accelerator, cfg, algorithm, trained, moe, state.step, last_metrics)
     summary = {
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_steps,
