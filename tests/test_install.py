@@ -27,9 +27,7 @@ def build_wheel(tmp: Path) -> Path:
     src = tmp / "src"
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(
-                ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__")
-            )
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             src.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, src / name)
@@ -97,7 +95,11 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(wheel, tmp_path):
     _run([posttrain, "data", "arithmetic", "runs/data", "--n", "200", "--n-test", "20"], work, env)
     python = str(venv / "bin" / "python")
     found = _run(
-        [python, "-c", "from posttrain.demo import recipe_path; print(recipe_path('sft_tiny.yaml'))"],
+        [
+            python,
+            "-c",
+            "from posttrain.demo import recipe_path; print(recipe_path('sft_tiny.yaml'))",
+        ],
         work,
         env,
     ).strip()
