@@ -198,29 +198,89 @@ def data_arithmetic_cmd(
     typer.echo(json.dumps({"out_dir": str(out_dir), "files": counts}))
 
 
+def _reward_option(text: str):
+    """`--reward NAME` (a built-in or module:function) or a YAML mapping with name, weight and
+    params: `--reward "{name: reward_model, params: {path: runs/rm-tiny/final}}"`."""
+    import yaml
+
+    from posttrain.config import ConfigError, RewardFunctionConfig, from_dict
+
+    if not text.lstrip().startswith("{"):
+        return RewardFunctionConfig(name=text)
+    try:
+        return from_dict(RewardFunctionConfig, yaml.safe_load(text), "--reward")
+    except yaml.YAMLError:
+        raise ConfigError(f"--reward {text!r}: not a YAML mapping") from None
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[str, typer.Argument(help="Model directory (e.g. OUTPUT_DIR/final).")],
     data: Annotated[
-        str, typer.Argument(help="Rows with 'prompt' and 'answer' (e.g. rl_test.jsonl).")
+        str,
+        typer.Argument(
+            help="Rows with prompt + answer/completion, or messages (any file `data` reads)."
+        ),
     ],
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="exact_match (greedy answer vs reference), reward (mean of --reward), or loss "
+            "(mean token NLL on SFT rows). Default: reward with --reward, else exact_match."
+        ),
+    ] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Reward function, repeatable: a built-in (accuracy, format, ...), module:function, "
+            "or a YAML mapping {name: ..., weight: ..., params: {...}}."
+        ),
+    ] = None,
+    match: Annotated[
+        str,
+        typer.Option(
+            help="exact_match rule: answer (final answer: last <answer> tag, else last \\boxed{}, "
+            "else last number; numbers compared numerically) or exact (whole completion, "
+            "stripped, equals the reference)."
+        ),
+    ] = "answer",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per answer.")] = 16,
     samples: Annotated[
         int, typer.Option(min=1, help="K>1 adds pass@K with K samples at temperature 1.")
     ] = 1,
+    success_threshold: Annotated[
+        float, typer.Option(help="reward with K>1: a sample counts for pass@K at reward >= this.")
+    ] = 1.0,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_length: Annotated[int, typer.Option(min=2, help="loss: tokens per example.")] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1, help="loss: examples per forward.")] = 8,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code from the checkpoint.")
     ] = False,
 ) -> None:
-    """Greedy exact-match accuracy (and pass@K) on prompt/answer rows; prints one JSON object."""
+    """Evaluate a model: exact match, your reward functions, or token loss (and pass@K);
+    prints one JSON object."""
     _quiet_libraries()
+    _import_path_with_cwd()
     from posttrain.evaluation import evaluate_model
 
     with user_errors_exit():
+        rewards = [_reward_option(r) for r in reward or []]
         result = evaluate_model(
-            model_dir, data, max_new_tokens, samples, limit, seed, trust_remote_code
+            model_dir,
+            data,
+            max_new_tokens,
+            samples,
+            limit,
+            seed,
+            trust_remote_code,
+            metric=metric or ("reward" if rewards else "exact_match"),
+            rewards=rewards,
+            match=match,
+            success_threshold=success_threshold,
+            max_length=max_length,
+            batch_size=batch_size,
         )
     typer.echo(json.dumps(result))
 

@@ -234,6 +234,38 @@ class LoggingConfig:
 
 
 @dataclass
+class RewardFunctionConfig:
+    name: str = "accuracy"
+    """A built-in reward (accuracy, format, kimi_length, overlong, digit_overlap, code_output,
+    reward_model) or `module:function` for user code."""
+    weight: AnyFloat = 1.0
+    """Weight of this function in the summed reward."""
+    params: dict = field(default_factory=dict)
+    """Keyword arguments for the function's factory (e.g. path for reward_model)."""
+
+
+@dataclass
+class EvaluationConfig:
+    """Generation-based evaluation during training (every train.eval_every steps and at the
+    end) on the prompts of data.eval_path, besides the algorithm's own eval (posttrain/evaluation.py)."""
+
+    metric: Literal["default", "exact_match", "reward"] = "default"
+    """default: only the algorithm's own eval; exact_match: greedy answers vs the 'answer'
+    column (eval/accuracy); reward: greedy completions scored by `rewards` (eval/reward)."""
+    rewards: list[RewardFunctionConfig] = field(default_factory=list)
+    """Reward functions of metric reward (built-in names or module:function), weighted."""
+    match: Literal["answer", "exact"] = "answer"
+    """exact_match rule: answer = extracted final answer (tags, boxed, last number) equals the
+    reference, numerically when both are numbers; exact = whole completion equals it."""
+    max_new_tokens: PositiveInt = 32
+    """Generation budget per eval prompt."""
+    samples: PositiveInt = 1
+    """K > 1 adds pass@K and the mean over K samples at temperature 1 per prompt."""
+    success_threshold: AnyFloat = 1.0
+    """metric reward with samples > 1: a sample counts for pass@K when its reward is >= this."""
+
+
+@dataclass
 class BaseRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to train."""
@@ -245,6 +277,8 @@ class BaseRecipe:
     """Loop, batching, precision and checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress output."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Generation-based evaluation with your reward or exact match (off by default)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from posttrain.config import (
     NonNegativeInt,
     PositiveInt,
     Range,
+    RewardFunctionConfig,  # noqa: F401  (defined beside EvaluationConfig, re-exported here)
 )
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.encoding import check_prompts
@@ -30,17 +31,6 @@ from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, 
 from posttrain.models.sharding import full_parameters, shard_frozen
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
 from posttrain.scoring import RewardSpec, Scorer
-
-
-@dataclass
-class RewardFunctionConfig:
-    name: str = "accuracy"
-    """A built-in reward (accuracy, format, kimi_length, overlong, digit_overlap, code_output,
-    reward_model) or `module:function` for user code."""
-    weight: AnyFloat = 1.0
-    """Weight of this function in the summed reward."""
-    params: dict = field(default_factory=dict)
-    """Keyword arguments for the function's factory (e.g. path for reward_model)."""
 
 
 @dataclass

@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from posttrain.algorithms.base import Algorithm, Trainable
 from posttrain.config import BaseRecipe, save_config
+from posttrain.evaluation import build_periodic_eval
 from posttrain.models.moe import MoEObjective
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import make_accelerator
@@ -100,6 +101,7 @@ def train(
     accelerator.wait_for_everyone()
 
     model = algorithm.setup(accelerator)
+    periodic_eval = build_periodic_eval(cfg, algorithm.name)  # `evaluation` section, or None
     trained = [Trainable("model", model, cfg.optim), *algorithm.extra_trainables()]
     # None for dense models. Built before `prepare` so its hooks sit on the unwrapped modules.
     moe = MoEObjective.build([t.module for t in trained], cfg.model.moe)
@@ -188,9 +190,11 @@ def train(
             t_window = time.perf_counter()
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             if eval_now or is_last:
-                metrics.update(
-                    {f"eval/{k}": v for k, v in algorithm.evaluate(model, accelerator).items()}
-                )
+                evaluated = dict(algorithm.evaluate(model, accelerator))
+                if periodic_eval is not None:
+                    policy = accelerator.unwrap_model(model)
+                    evaluated.update(periodic_eval(policy, algorithm.tokenizer, accelerator))
+                metrics.update({f"eval/{k}": v for k, v in evaluated.items()})
             logger.log(state.step, metrics)
             last_metrics = metrics
             bar.update(state.step, _status(metrics))
