@@ -193,7 +193,7 @@ def mean_token_loss(model, tokenizer, rows, source: str, max_length: int, batch_
             position_ids=batch.position_ids,
             use_cache=False,
         ).logits  # (B, T, V)
-        out = cross_entropy_loss(logits.float(), batch.labels)
+        out = cross_entropy_loss(logits, batch.labels)
         total, tokens = total + float(out.total), tokens + int(out.units)
     loss = total / tokens
     return {
