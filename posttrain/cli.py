@@ -92,21 +92,17 @@ def _import_path_with_cwd() -> None:
 
 
 def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -> dict:
-    """Load the recipe for algorithm `name`, check it, train, return the last logged metrics."""
-    from posttrain.algorithms import ALGORITHMS
-    from posttrain.config import ConfigError, load_recipe
-    from posttrain.preflight import preflight
-    from posttrain.train.loop import train
+    """Train algorithm `name` through the Python API (posttrain/api.py), the one entry both use;
+    return the output directories and the last logged metrics."""
+    from posttrain.api import trainer_class
 
-    recipe_cls, algorithm_cls = ALGORITHMS[name]
     if resume:
         overrides = [*overrides, "train.resume=true"]
-    cfg = load_recipe(recipe_cls, recipe, overrides)
-    if not cfg.model.name_or_path:
-        raise ConfigError(f"{recipe}: model.name_or_path is required")
-    preflight(cfg)
-    with user_errors_exit(cfg.train.output_dir):  # write failures name the output directory
-        result = train(cfg, algorithm_cls(cfg))
+    trainer = trainer_class(name)(recipe, overrides=overrides)
+    trainer.prepare()  # recipe, data and environment checks, before the output boundary
+    output_dir = trainer.config.train.output_dir
+    with user_errors_exit(output_dir):  # write failures name the output directory
+        result = trainer.train()
     return {
         "output_dir": str(result.output_dir),
         "final": str(result.final_dir),

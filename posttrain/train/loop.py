@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,14 @@ class TrainResult:
 
 
 def train(
-    cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
+    cfg: BaseRecipe,
+    algorithm: Algorithm,
+    accelerator: Accelerator | None = None,
+    callbacks: Sequence = (),
 ) -> TrainResult:
+    """Train `algorithm` for cfg.train.max_steps optimizer steps. `callbacks`: objects with any
+    of on_step_end(step, state), on_log(step, metrics), on_evaluate(step, metrics), called on
+    every process (see `_notify`)."""
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
@@ -172,6 +179,7 @@ def train(
         window.extra.update(extra or {})
         if moe is not None:
             window.extra.update(moe.on_step_end(accelerator))
+        _notify(callbacks, "on_step_end", state.step, state)
 
         is_last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.log_every == 0 or is_last:
@@ -185,11 +193,14 @@ def train(
             )
             t_window = time.perf_counter()
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
+            evaluated = None
             if eval_now or is_last:
-                metrics.update(
-                    {f"eval/{k}": v for k, v in algorithm.evaluate(model, accelerator).items()}
-                )
+                evaluated = algorithm.evaluate(model, accelerator)
+                metrics.update({f"eval/{k}": v for k, v in evaluated.items()})
             logger.log(state.step, metrics)
+            _notify(callbacks, "on_log", state.step, dict(metrics))
+            if evaluated:  # an algorithm without held-out data returns {}
+                _notify(callbacks, "on_evaluate", state.step, evaluated)
             last_metrics = metrics
             bar.update(state.step, _status(metrics))
         else:
@@ -344,6 +355,16 @@ class _MetricWindow:
         metrics.update(self.extra)
         self.reset()
         return metrics
+
+
+def _notify(callbacks: Sequence, event: str, step: int, payload) -> None:
+    """Call `event` on each callback that has it. Every process calls it (the metrics are
+    already reduced, so all see the same numbers); a callback that should act once checks
+    `accelerate.PartialState().is_main_process`."""
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(step, payload)
 
 
 def _epoch(algorithm: Algorithm, step: int) -> float | None:
