@@ -214,7 +214,13 @@ def _saved_dataset(dataset, out: Path, split: str) -> str:
     target = out / "api_data" / f"{split}-{fingerprint}"
     if not target.is_dir():
         staging = target.with_name(f".{target.name}.{os.getpid()}")
-        dataset.save_to_disk(str(staging))
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar per save is noise next to the run's own
+        try:
+            dataset.save_to_disk(str(staging))
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         try:
             os.rename(staging, target)
         except OSError:  # another process of the same launch renamed its copy first
