@@ -163,9 +163,10 @@ def _recipe_epilog(name: str, recipe_cls: type) -> str:
     return (
         "\b\nRecipe sections:\n"
         + "\n".join(lines)
-        + f"\n\n\b\nEvery key with its type, default and doc:  posttrain config keys {name}"
-        + f"\nThe resolved recipe as commented YAML:     posttrain config show {name} [RECIPE] "
-        "[KEY=VALUE ...]"
+        + "\n\n\b\nEvery key with its type, default and doc:"
+        + f"\n  posttrain config keys {name}"
+        + "\nThe resolved recipe (defaults, RECIPE, overrides) as commented YAML:"
+        + f"\n  posttrain config show {name} [RECIPE] [KEY=VALUE ...]"
     )
 
 

@@ -125,7 +125,7 @@ def test_objects_train_like_the_paths_they_stand_for(tiny_model_dir, tmp_path):
 
 def test_grpo_reward_callable_and_model_object(tiny_model_dir, tmp_path):
     """A TRL-style reward (keywords only, a data column) scores the samples; the provided model
-    trains in place, with a reference copied from it (beta > 0: there is no path to reload)."""
+    trains in place, with a reference copied from the object (beta > 0), not reloaded."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +137,10 @@ def test_grpo_reward_callable_and_model_object(tiny_model_dir, tmp_path):
         return [float(len(c)) for c in completions]
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config._name_or_path = ""  # an object with no path behind it
+    torch.manual_seed(0)
+    with torch.no_grad():  # the object now differs from the checkpoint its name_or_path names
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     from transformers import AutoTokenizer
 
     before = [p.detach().clone() for p in model.parameters()]
@@ -150,6 +153,7 @@ def test_grpo_reward_callable_and_model_object(tiny_model_dir, tmp_path):
             "data.max_length=24",
             "logging.progress=false",
             "optim.lr=1e-3",
+            "logging.log_every=1",
         ],
     )
     result = GRPOTrainer(
@@ -162,7 +166,11 @@ def test_grpo_reward_callable_and_model_object(tiny_model_dir, tmp_path):
         reward_funcs={"length": longer},
     ).train()
     assert calls, "the reward function was never called"
-    assert "rewards/length/mean" in result.last_metrics and "kl" in " ".join(result.last_metrics)
+    assert "rewards/length/mean" in result.last_metrics
+    # The reference is the object as handed in (not the checkpoint on disk): at the first step,
+    # before any update, policy and reference agree, so the KL estimate is exactly 0.
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert (result.final_dir / "model.safetensors").is_file()
 
