@@ -97,7 +97,9 @@ def build_scorer(
     """`provided`: callables (from the Python API) for the entries of those names."""
     provided = provided or {}
     specs = [
-        RewardSpec(name=f.name, weight=f.weight, params=dict(f.params), function=provided.get(f.name))
+        RewardSpec(
+            name=f.name, weight=f.weight, params=dict(f.params), function=provided.get(f.name)
+        )
         for f in functions
     ]
     if not specs:

@@ -24,6 +24,7 @@ every algorithm alike (posttrain/models/moe.py); dense models skip all of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -179,7 +180,8 @@ def train(
         window.extra.update(extra or {})
         if moe is not None:
             window.extra.update(moe.on_step_end(accelerator))
-        _notify(callbacks, "on_step_end", state.step, state)
+        if callbacks:  # a copy: a callback cannot move the loop's own counters
+            _notify(callbacks, "on_step_end", state.step, dataclasses.replace(state))
 
         is_last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.log_every == 0 or is_last:
