@@ -28,7 +28,12 @@ class _RegistryGroup(TyperGroup):
         if getattr(self, "_trainers_added", False):
             return
         self._trainers_added = True
-        trainers = typer.main.get_group(_trainer_app()).commands
+        # Shell completion asks for the command names on every TAB: answer from the static
+        # list, without importing the registry (torch, seconds).
+        completing = (
+            f"_{(self.name or 'posttrain').upper().replace('-', '_')}_COMPLETE" in os.environ
+        )
+        trainers = typer.main.get_group(_trainer_app(light=completing)).commands
         self.commands = {**trainers, **self.commands}  # trainers first in --help
 
     def list_commands(self, ctx):
@@ -46,11 +51,16 @@ app = typer.Typer(
     name="posttrain",
     help="LLM post-training: SFT, reward models, DPO, PPO, GRPO and Kimi k1.5 on one Accelerate loop.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Generate bundled data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(
+    help="Show recipes: every key with its type, default and doc, or a resolved recipe.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
 
 
 def _fail(message: str) -> None:
@@ -92,21 +102,17 @@ def _import_path_with_cwd() -> None:
 
 
 def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -> dict:
-    """Load the recipe for algorithm `name`, check it, train, return the last logged metrics."""
-    from posttrain.algorithms import ALGORITHMS
-    from posttrain.config import ConfigError, load_recipe
-    from posttrain.preflight import preflight
-    from posttrain.train.loop import train
+    """Train algorithm `name` through the Python API (posttrain/api.py), the one entry both use;
+    return the output directories and the last logged metrics."""
+    from posttrain.api import trainer_class
 
-    recipe_cls, algorithm_cls = ALGORITHMS[name]
     if resume:
         overrides = [*overrides, "train.resume=true"]
-    cfg = load_recipe(recipe_cls, recipe, overrides)
-    if not cfg.model.name_or_path:
-        raise ConfigError(f"{recipe}: model.name_or_path is required")
-    preflight(cfg)
-    with user_errors_exit(cfg.train.output_dir):  # write failures name the output directory
-        result = train(cfg, algorithm_cls(cfg))
+    trainer = trainer_class(name)(recipe, overrides=overrides)
+    trainer.prepare()  # recipe, data and environment checks, before the output boundary
+    output_dir = trainer.config.train.output_dir
+    with user_errors_exit(output_dir):  # write failures name the output directory
+        result = trainer.train()
     return {
         "output_dir": str(result.output_dir),
         "final": str(result.final_dir),
@@ -127,7 +133,7 @@ TRAINER_HELP = {
 }
 
 
-def _trainer_command(trainers: typer.Typer, name: str, summary: str) -> None:
+def _trainer_command(trainers: typer.Typer, name: str, summary: str, epilog: str = "") -> None:
     def command(
         recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).")],
         overrides: Annotated[
@@ -143,19 +149,92 @@ def _trainer_command(trainers: typer.Typer, name: str, summary: str) -> None:
             run_algorithm(name, recipe, overrides or [], resume)
 
     command.__doc__ = summary
-    trainers.command(name, help=summary)(command)
+    trainers.command(name, help=summary, epilog=epilog or None)(command)
 
 
-def _trainer_app() -> typer.Typer:
-    """One command per registered algorithm, all with the same arguments and behaviour."""
+def _recipe_epilog(name: str, recipe_cls: type) -> str:
+    """`posttrain ALGO --help`'s list of recipe sections, and where to see their keys."""
+    from posttrain.config_docs import section_docs
+
+    sections = section_docs(recipe_cls)
+    width = max(len(section) for section, _ in sections)
+    lines = [f"  {section:<{width}}  {doc}" for section, doc in sections]
+    # \b: click prints the next paragraph as written (no re-wrapping of the table).
+    return (
+        "\b\nRecipe sections:\n"
+        + "\n".join(lines)
+        + "\n\n\b\nEvery key with its type, default and doc:"
+        + f"\n  posttrain config keys {name}"
+        + "\nThe resolved recipe (defaults, RECIPE, overrides) as commented YAML:"
+        + f"\n  posttrain config show {name} [RECIPE] [KEY=VALUE ...]"
+    )
+
+
+def _trainer_app(light: bool = False) -> typer.Typer:
+    """One command per registered algorithm, all with the same arguments and behaviour.
+    `light`: names and summaries only, without importing the registry (shell completion)."""
+    trainers = typer.Typer()
+    if light:
+        for name, summary in TRAINER_HELP.items():
+            _trainer_command(trainers, name, summary)
+        return trainers
     from posttrain.algorithms import ALGORITHMS
 
-    trainers = typer.Typer()
     for name, (recipe_cls, _) in ALGORITHMS.items():
         doc = (recipe_cls.__doc__ or "").strip().splitlines()
         summary = TRAINER_HELP.get(name) or (doc[0] if doc else f"Train with {name}.")
-        _trainer_command(trainers, name, summary)
+        _trainer_command(trainers, name, summary, _recipe_epilog(name, recipe_cls))
     return trainers
+
+
+def _recipe_class(algorithm: str) -> type:
+    from posttrain.algorithms import ALGORITHMS
+
+    if algorithm not in ALGORITHMS:
+        _fail(f"unknown algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[algorithm][0]
+
+
+@config_app.command("show")
+def config_show_cmd(
+    algorithm: Annotated[str, typer.Argument(help="sft, rm, dpo, kto, grpo, kimi or ppo.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="An optional recipe YAML, then dotted overrides (e.g. optim.lr=3e-4).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the fully resolved recipe (defaults, recipe file, overrides) as YAML, each key
+    preceded by its docstring. The output is itself a valid recipe."""
+    from posttrain.api import load_recipe
+    from posttrain.config_docs import commented_yaml
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    _recipe_class(algorithm)
+    with user_errors_exit():
+        cfg = load_recipe(algorithm, recipe, args)
+    typer.echo(commented_yaml(cfg), nl=False)
+
+
+@config_app.command("keys")
+def config_keys_cmd(
+    algorithm: Annotated[str, typer.Argument(help="sft, rm, dpo, kto, grpo, kimi or ppo.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per key instead of a table.")
+    ] = False,
+) -> None:
+    """Every recipe key of ALGORITHM: dotted key, type, default and doc."""
+    from posttrain.config_docs import keys_table, recipe_keys
+
+    recipe_cls = _recipe_class(algorithm)
+    if as_json:
+        for key in recipe_keys(recipe_cls):
+            typer.echo(json.dumps(key.__dict__))
+    else:
+        typer.echo(keys_table(recipe_cls), nl=False)
 
 
 @app.command("init-model")

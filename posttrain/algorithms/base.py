@@ -11,8 +11,10 @@ policy. It never subclasses a trainer.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from accelerate import Accelerator
 
 from posttrain.config import OptimConfig
 from posttrain.losses.types import LossOutput
+from posttrain.models.loading import load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -35,11 +38,50 @@ class Trainable:
     scheduler: Any = None
 
 
+@dataclass(frozen=True)
+class Provided:
+    """Objects the Python API (posttrain/api.py) hands an algorithm in memory, used instead of
+    loading them from the recipe's paths. In-memory data sets do not come this way: the API
+    saves them next to the run and points data.train_path / data.eval_path at them, so they go
+    through the same loader and checks as files."""
+
+    model: Any = None
+    """An already loaded transformers model, trained in place (None: load model.name_or_path)."""
+    tokenizer: Any = None
+    """An already loaded tokenizer (None: load it from model.name_or_path)."""
+    reward_functions: Mapping[str, Callable] = field(default_factory=dict)
+    """Reward callables by the name of the recipe's `rewards` entry they stand for."""
+
+
+# Models handed in by the API: a reference policy is then a copy of the object (there may be no
+# path to load it from, and the object may differ from what is on disk). Identity, not equality.
+_PROVIDED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_provided_model(module: torch.nn.Module) -> bool:
+    """Whether `module` is a model object the Python API handed in (not loaded from a path)."""
+    return module in _PROVIDED_MODELS
+
+
 class Algorithm(ABC):
     name: str = "algorithm"
+    provided: Provided = Provided()  # the API sets an instance's own; the CLI provides nothing
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def load_tokenizer(self):
+        """The provided tokenizer, or the one of model.name_or_path."""
+        if self.provided.tokenizer is not None:
+            return self.provided.tokenizer
+        return load_tokenizer(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)
+
+    def load_model(self, loader: Callable = load_causal_lm, *args) -> torch.nn.Module:
+        """The provided model, or `loader(cfg.model, *args)` (load_causal_lm by default)."""
+        if self.provided.model is not None:
+            _PROVIDED_MODELS.add(self.provided.model)
+            return self.provided.model
+        return loader(self.cfg.model, *args)
 
     @abstractmethod
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:

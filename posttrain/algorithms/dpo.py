@@ -32,7 +32,7 @@ from posttrain.data.preference_packing import (
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from posttrain.models.loading import apply_lora
 
 REFERENCE_FREE = ("simpo", "orpo")  # no reference model is loaded for these
 
@@ -94,8 +94,8 @@ class DPO(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model)
+        self.tokenizer = self.load_tokenizer()
+        model = self.load_model()
         check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)

@@ -126,8 +126,13 @@ class GroupRL(Algorithm):
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg, g = self.cfg, self.settings
         self.validate(accelerator)
-        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg)
-        self.scorer = build_scorer(self.reward_functions(), g.failure_reward, g.reward_timeout_s)
+        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg, self)
+        self.scorer = build_scorer(
+            self.reward_functions(),
+            g.failure_reward,
+            g.reward_timeout_s,
+            self.provided.reward_functions,
+        )
         self.reference = self.load_reference(model, accelerator) if self.uses_kl() else None
         self.sampler = self.make_sampler()
         self.buffer: list = []

@@ -27,7 +27,7 @@ from posttrain.config import (
 from posttrain.data.kto import KTOBatch, encode_kto_file, kto_collate
 from posttrain.losses.kto import kto_loss
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from posttrain.models.loading import apply_lora
 
 
 @dataclass
@@ -68,8 +68,8 @@ class KTO(OfflineAlgorithm):
             },
         )
         self.accelerator = accelerator
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model)
+        self.tokenizer = self.load_tokenizer()
+        model = self.load_model()
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
         data = encode_kto_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)

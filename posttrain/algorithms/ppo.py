@@ -154,8 +154,10 @@ class PPO(Algorithm):
         cfg, p = self.cfg, self.cfg.ppo
         self._validate(accelerator)
         self.accelerator = accelerator
-        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg)
-        self.scorer = build_scorer(list(p.rewards), p.failure_reward, p.reward_timeout_s)
+        self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg, self)
+        self.scorer = build_scorer(
+            list(p.rewards), p.failure_reward, p.reward_timeout_s, self.provided.reward_functions
+        )
         self.reference = None
         self.use_reference = p.kl_control == "adaptive" or p.init_kl_coef > 0
         if self.use_reference:

@@ -24,7 +24,7 @@ from posttrain.data.preference_packing import (
 )
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput
-from posttrain.models.loading import apply_lora, load_sequence_classifier, load_tokenizer
+from posttrain.models.loading import apply_lora, load_sequence_classifier
 from posttrain.utils import unwrap_model
 
 
@@ -79,8 +79,8 @@ class RewardModel(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_sequence_classifier(cfg.model, self.tokenizer.pad_token_id)
+        self.tokenizer = self.load_tokenizer()
+        model = self.load_model(load_sequence_classifier, self.tokenizer.pad_token_id)
         check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")

@@ -9,12 +9,15 @@ group statistics never need a collective; batch-wide statistics are gathered.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
 from accelerate import Accelerator
 
+from posttrain.algorithms.base import Algorithm, is_provided_model
 from posttrain.config import (
     AnyFloat,
     NonNegativeFloat,
@@ -57,11 +60,15 @@ class OnlineRLSettings:
     and its samples score failure_reward (counted as rewards/NAME/timeouts). 0: no limit."""
 
 
-def load_policy_and_prompts(cfg) -> tuple:
+def load_policy_and_prompts(cfg, algorithm: Algorithm | None = None) -> tuple:
     """What every online trainer starts from: (tokenizer, policy model with LoRA when asked,
-    training prompts, held-out prompts or None)."""
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model)
+    training prompts, held-out prompts or None). `algorithm`: use the model and tokenizer it
+    was handed by the Python API, if any."""
+    if algorithm is not None:
+        tokenizer, model = algorithm.load_tokenizer(), algorithm.load_model()
+    else:
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model = load_causal_lm(cfg.model)
     if cfg.model.lora.r > 0:
         model = apply_lora(model, cfg.model.lora)
     data = PromptData(cfg.data.train_path)
@@ -72,9 +79,19 @@ def load_policy_and_prompts(cfg) -> tuple:
 
 
 def build_scorer(
-    functions: list[RewardFunctionConfig], failure_reward: float, timeout_s: float
+    functions: list[RewardFunctionConfig],
+    failure_reward: float,
+    timeout_s: float,
+    provided: Mapping[str, Callable] | None = None,
 ) -> Scorer:
-    specs = [RewardSpec(name=f.name, weight=f.weight, params=dict(f.params)) for f in functions]
+    """`provided`: callables (from the Python API) for the entries of those names."""
+    provided = provided or {}
+    specs = [
+        RewardSpec(
+            name=f.name, weight=f.weight, params=dict(f.params), function=provided.get(f.name)
+        )
+        for f in functions
+    ]
     if not specs:
         raise DataError("at least one reward function is needed (section rewards)")
     return Scorer(
@@ -157,6 +174,8 @@ def load_reference(cfg_model, reference_path: str, policy, accelerator) -> torch
     second copy of the weights)."""
     if is_peft_model(policy) and not reference_path:
         return None
+    if is_provided_model(policy) and not reference_path:  # handed in by the Python API
+        return shard_frozen(accelerator, copy.deepcopy(policy))  # before any training step
     ref_cfg = (
         cfg_model
         if not reference_path

@@ -25,7 +25,7 @@ from posttrain.models.attention_support import (
     profile,
     sft_packing,
 )
-from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from posttrain.models.loading import apply_lora
 from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
 
@@ -113,8 +113,8 @@ class SFT(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model)
+        self.tokenizer = self.load_tokenizer()
+        model = self.load_model()
         # Padding-free rows need the model to mask them (attention_support.sft_packing).
         self.attention = profile(model)
         if cfg.data.packing:

@@ -24,9 +24,11 @@ every algorithm alike (posttrain/models/moe.py); dense models skip all of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +89,14 @@ class TrainResult:
 
 
 def train(
-    cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
+    cfg: BaseRecipe,
+    algorithm: Algorithm,
+    accelerator: Accelerator | None = None,
+    callbacks: Sequence = (),
 ) -> TrainResult:
+    """Train `algorithm` for cfg.train.max_steps optimizer steps. `callbacks`: objects with any
+    of on_step_end(step, state), on_log(step, metrics), on_evaluate(step, metrics), called on
+    every process (see `_notify`)."""
     check_hub_ready(cfg.train)  # push_to_hub that cannot work: one line now, not after training
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -176,6 +184,8 @@ def train(
         window.extra.update(extra or {})
         if moe is not None:
             window.extra.update(moe.on_step_end(accelerator))
+        if callbacks:  # a copy: a callback cannot move the loop's own counters
+            _notify(callbacks, "on_step_end", state.step, dataclasses.replace(state))
 
         is_last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.log_every == 0 or is_last:
@@ -189,6 +199,7 @@ def train(
             )
             t_window = time.perf_counter()
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
+            evaluated = None
             if eval_now or is_last:
                 evaluated = dict(algorithm.evaluate(model, accelerator))
                 if periodic_eval is not None:
@@ -196,6 +207,9 @@ def train(
                     evaluated.update(periodic_eval(policy, algorithm.tokenizer, accelerator))
                 metrics.update({f"eval/{k}": v for k, v in evaluated.items()})
             logger.log(state.step, metrics)
+            _notify(callbacks, "on_log", state.step, dict(metrics))
+            if evaluated:  # an algorithm without held-out data returns {}
+                _notify(callbacks, "on_evaluate", state.step, evaluated)
             last_metrics = metrics
             bar.update(state.step, _status(metrics))
         else:
@@ -353,6 +367,16 @@ class _MetricWindow:
         metrics.update(self.extra)
         self.reset()
         return metrics
+
+
+def _notify(callbacks: Sequence, event: str, step: int, payload) -> None:
+    """Call `event` on each callback that has it. Every process calls it (the metrics are
+    already reduced, so all see the same numbers); a callback that should act once checks
+    `accelerate.PartialState().is_main_process`."""
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(step, payload)
 
 
 def _epoch(algorithm: Algorithm, step: int) -> float | None:
