@@ -244,6 +244,7 @@ def test_mixture_is_weighted_seeded_and_mixes_formats(tiny_model_dir, tmp_path, 
     assert from_a == 200 and 40 < len(first) - from_a < 100, (from_a, len(first))
 
 
+@pytest.mark.slow
 def test_sft_trains_on_a_glob_split_mixture(tiny_model_dir, arithmetic_dir, hub_dir, tmp_path):
     """A recipe's data section with a glob, a named split and a weighted mixture trains."""
     out = tmp_path / "run"

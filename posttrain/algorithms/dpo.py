@@ -22,7 +22,6 @@ from accelerate.utils import gather_object
 from posttrain.algorithms.base import OfflineAlgorithm, process_batches
 from posttrain.algorithms.rl_common import load_reference
 from posttrain.config import BaseRecipe, NonNegativeFloat, PositiveFloat, Range
-from posttrain.data.loading import describe, eval_source, train_sources
 from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
@@ -30,6 +29,7 @@ from posttrain.data.preference_packing import (
     collate_pairs,
     forward_mask,
 )
+from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps

@@ -25,7 +25,7 @@ from posttrain.config import (
     reject_unused,
 )
 from posttrain.data.kto import KTOBatch, encode_kto_file, kto_collate
-from posttrain.data.loading import describe, eval_source, train_sources
+from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
 from posttrain.losses.kto import kto_loss
 from posttrain.losses.types import LossOutput

@@ -15,7 +15,6 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe, NonNegativeFloat
-from posttrain.data.loading import describe, eval_source, train_sources
 from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
@@ -23,6 +22,7 @@ from posttrain.data.preference_packing import (
     collate_pairs,
     forward_mask,
 )
+from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.types import LossOutput

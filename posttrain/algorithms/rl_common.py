@@ -24,16 +24,8 @@ from posttrain.config import (
 )
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.encoding import check_prompts
-from posttrain.data.loading import (
-    DataError,
-    Source,
-    describe,
-    eval_source,
-    load_rows,
-    mix,
-    require_columns,
-    train_sources,
-)
+from posttrain.data.loading import DataError, Source, load_rows, require_columns
+from posttrain.data.sources import describe, eval_source, mix, train_sources
 from posttrain.evaluation import accuracy_of
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.models.sharding import full_parameters, shard_frozen

@@ -15,7 +15,7 @@ from posttrain.data.batches import SFTBatch
 from posttrain.data.collate import pack_collate, pad_collate
 from posttrain.data.encoding import EncodedExample
 from posttrain.data.encoding import encode_sft_file as encode_sft_file  # re-exported
-from posttrain.data.loading import describe, eval_source, train_sources
+from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss

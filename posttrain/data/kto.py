@@ -143,7 +143,7 @@ def encode_kto_file(
     limit: int | None = None,
     options: MapOptions = MapOptions(),
 ) -> KTOData:
-    """KTO rows from one source or a weighted mixture (data/loading.py: mix)."""
+    """KTO rows from one source or a weighted mixture (data/sources.py)."""
     paths = path if isinstance(path, list) else [path]
     sources = [s if isinstance(s, Source) else Source(str(s)) for s in paths]
     parts = [_encode_source(tokenizer, s, max_length, limit, options) for s in sources]

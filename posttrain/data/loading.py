@@ -166,52 +166,6 @@ class Source:
         return f"{self.path}[{self.split}]" if self.split else self.path
 
 
-def train_sources(data) -> list[Source]:
-    """The training sources of a `DataConfig`: one path, or a weighted mixture."""
-    if isinstance(data.train_path, str):
-        return [Source(data.train_path, data.train_split, data.subset)]
-    if not data.train_path:
-        raise DataError("data.train_path is an empty list: give at least one {path, weight}")
-    return [
-        Source(
-            item.path,
-            item.split or data.train_split,
-            item.subset or data.subset,
-            item.weight,
-            key=f"data.train_path[{i}].path",
-            split_key=f"data.train_path[{i}].split",
-        )
-        for i, item in enumerate(data.train_path)
-    ]
-
-
-def eval_source(data) -> Source | None:
-    """Held-out rows: data.eval_path, or the train source's data.eval_split when only that is set."""
-    path = data.eval_path
-    if not path:
-        if not data.eval_split:
-            return None
-        if not isinstance(data.train_path, str):
-            raise DataError("data.eval_split without data.eval_path needs a single data.train_path")
-        path = data.train_path
-    return Source(
-        path,
-        data.eval_split,
-        data.subset,
-        role="eval",
-        key="data.eval_path",
-        split_key="data.eval_split",
-    )
-
-
-def describe(sources: list[Source]) -> str:
-    """`a.jsonl`, or `a.jsonl (0.7) + b.jsonl (0.3)` for a mixture, for log lines."""
-    if len(sources) == 1:
-        return str(sources[0])
-    total = sum(s.weight for s in sources)
-    return " + ".join(f"{s} ({s.weight / total:.2g})" for s in sources)
-
-
 def _format_suffix(p: Path) -> tuple[str, str]:
     """(format suffix, compression suffix) of a file name: data.jsonl.gz -> (".jsonl", ".gz")."""
     compression = p.suffix if p.suffix in COMPRESSIONS else ""
@@ -391,33 +345,6 @@ def load_rows(path: str | Path | Source, split: str = "", subset: str = "") -> d
     if "/" in text and not text.startswith((".", "/", "~")):
         return _load_hub(text, source)  # looks like a hub id ("org/name")
     raise DataError(f"data file not found: {p}")
-
-
-def mix(parts: list[datasets.Dataset], sources: list[Source], seed: int) -> datasets.Dataset:
-    """A weighted mixture: `datasets.interleave_datasets` with probabilities = the normalised
-    weights, seeded with train.seed, stopping when the first source runs out (no row is
-    repeated; a source's share of the result is its weight)."""
-    if len(parts) == 1:
-        return parts[0]
-    total = sum(s.weight for s in sources)
-    try:
-        return datasets.interleave_datasets(
-            parts,
-            probabilities=[s.weight / total for s in sources],
-            seed=seed,
-            stopping_strategy="first_exhausted",
-        )
-    except ValueError as e:
-        raise DataError(
-            f"data.train_path: the mixture's sources ({describe(sources)}) do not share columns "
-            f"and types: {one_line(str(e))}"
-        ) from None
-
-
-def load_train_rows(data, seed: int) -> datasets.Dataset:
-    """Untokenised training rows (RL prompts): one source, or the seeded weighted mixture."""
-    sources = train_sources(data)
-    return mix([load_rows(s) for s in sources], sources, seed)
 
 
 def require_columns(ds: datasets.Dataset, columns: list[str], source: str, expected: str) -> None:

@@ -160,7 +160,7 @@ def encode_preference_file(
     limit: int | None = None,
     options: MapOptions = MapOptions(),
 ) -> PreferenceData:
-    """Preference pairs from one source or a weighted mixture (data/loading.py: mix)."""
+    """Preference pairs from one source or a weighted mixture (data/sources.py)."""
     paths = path if isinstance(path, list) else [path]
     sources = [s if isinstance(s, Source) else Source(str(s)) for s in paths]
     parts = [_encode_source(tokenizer, s, max_length, limit, options) for s in sources]

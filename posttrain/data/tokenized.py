@@ -23,7 +23,8 @@ from pathlib import Path
 
 import datasets
 
-from posttrain.data.loading import Source, mix
+from posttrain.data.loading import Source
+from posttrain.data.sources import mix
 
 # Modules whose code decides the tokens: part of the cache key.
 _ENCODING_MODULES = ("chat.py", "encoding.py", "preference.py", "kto.py", "tokenized.py")
