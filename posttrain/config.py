@@ -143,11 +143,39 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One part of a training mixture (data.train_path as a list)."""
+
+    path: str = ""
+    """A file, glob, dataset directory or hub id, as data.train_path."""
+    weight: PositiveFloat = 1.0
+    """Share of the mixture; weights are normalised over the sources."""
+    split: str = ""
+    """This source's split ("": data.train_split)."""
+    subset: str = ""
+    """This source's dataset config name ("": data.subset)."""
+
+
+@dataclass
 class DataConfig:
-    train_path: str = ""
-    """Training data: a .jsonl/.json/.parquet/.csv file, a saved datasets directory or hub id."""
+    train_path: str | list[DataSource] = ""
+    """Training data: a .jsonl/.json/.parquet/.csv file (also .gz/.bz2/.xz), a glob, a dataset
+    directory (hub-style split files or save_to_disk) or a hub id; or a list of {path, weight}
+    mixed by datasets.interleave_datasets (seeded by train.seed, stops at the first exhausted)."""
+    train_split: str = ""
+    """Split read for training ("": "train", or the only split there is)."""
     eval_path: str = ""
     """Optional held-out data in the same format, for eval loss."""
+    eval_split: str = ""
+    """Split read for eval ("": test/validation/valid/eval/dev if present, else the only one).
+    Set without eval_path, it names a split of data.train_path."""
+    subset: str = ""
+    """Dataset config name (hub ids and directories whose README.md lists configs)."""
+    num_proc: PositiveInt = 1
+    """Processes that tokenise the data (datasets.map num_proc), on the main process only."""
+    cache: bool = True
+    """Reuse tokenised data from the datasets cache, keyed by the rows, the tokenizer and the
+    data settings that change tokens; off: tokenise in memory on every run."""
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     """Row format; auto picks from the columns present."""
     max_length: Annotated[int, Range(ge=2)] = 512

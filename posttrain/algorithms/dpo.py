@@ -29,6 +29,8 @@ from posttrain.data.preference_packing import (
     collate_pairs,
     forward_mask,
 )
+from posttrain.data.sources import describe, eval_source, train_sources
+from posttrain.data.tokenized import MapOptions
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
@@ -99,18 +101,22 @@ class DPO(OfflineAlgorithm):
         check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        options = MapOptions.from_config(cfg, accelerator)
+        sources = train_sources(cfg.data)
         self.train_data = encode_preference_file(
-            self.tokenizer, cfg.data.train_path, cfg.data.max_length
+            self.tokenizer, sources, cfg.data.max_length, options=options
         )
         self.train_examples = self.train_data.examples
-        log_data(accelerator, "dpo", cfg.data.train_path, self.train_data, cfg.data.max_length)
+        log_data(accelerator, "dpo", describe(sources), self.train_data, cfg.data.max_length)
         self.eval_examples = []
-        if cfg.data.eval_path:
+        held_out = eval_source(cfg.data)
+        if held_out is not None:
             self.eval_examples = encode_preference_file(
                 self.tokenizer,
-                cfg.data.eval_path,
+                held_out,
                 cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
+                options=options,
             ).examples
         self.ref_forward_passes = 0
         self.reference = None

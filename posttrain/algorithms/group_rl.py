@@ -27,6 +27,7 @@ from accelerate import Accelerator
 
 from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
+    PROMPT_TOKENISATION,
     OnlineRLSettings,
     build_scorer,
     chunked,
@@ -163,6 +164,7 @@ class GroupRL(Algorithm):
                 "data.packing": f"{s}.share_prompt_forward runs each prompt once for its group",
                 "data.truncation_side": "prompts longer than data.max_length always keep their "
                 "last tokens",
+                **PROMPT_TOKENISATION,
             },
         )
         if cfg.train.grad_accum != 1:

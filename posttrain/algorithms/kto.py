@@ -25,6 +25,8 @@ from posttrain.config import (
     reject_unused,
 )
 from posttrain.data.kto import KTOBatch, encode_kto_file, kto_collate
+from posttrain.data.sources import describe, eval_source, train_sources
+from posttrain.data.tokenized import MapOptions
 from posttrain.losses.kto import kto_loss
 from posttrain.losses.types import LossOutput
 from posttrain.models.loading import apply_lora
@@ -72,22 +74,26 @@ class KTO(OfflineAlgorithm):
         model = self.load_model()
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
-        data = encode_kto_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
+        options = MapOptions.from_config(cfg, accelerator)
+        sources = train_sources(cfg.data)
+        data = encode_kto_file(self.tokenizer, sources, cfg.data.max_length, options=options)
         self.train_examples = data.examples
         if accelerator.is_main_process:
             good = sum(e.desirable for e in data.examples)
             accelerator.print(
                 f"kto data: {len(data.examples)} rows ({good} desirable) from "
-                f"{cfg.data.train_path} ({data.truncated} truncated to max_length="
+                f"{describe(sources)} ({data.truncated} truncated to max_length="
                 f"{cfg.data.max_length}; skipped {data.skipped})"
             )
         self.eval_examples = []
-        if cfg.data.eval_path:
+        held_out = eval_source(cfg.data)
+        if held_out is not None:
             self.eval_examples = encode_kto_file(
                 self.tokenizer,
-                cfg.data.eval_path,
+                held_out,
                 cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
+                options=options,
             ).examples
         # Placed like the policy will be: sharded under FSDP2/ZeRO-3, replicated otherwise.
         self.reference = load_reference(cfg.model, cfg.kto.reference, model, accelerator)

@@ -62,6 +62,7 @@ from posttrain.algorithms.ppo_rollout import (
     rollout_state,
 )
 from posttrain.algorithms.rl_common import (
+    PROMPT_TOKENISATION,
     OnlineRLSettings,
     build_scorer,
     chunked,
@@ -233,6 +234,7 @@ class PPO(Algorithm):
                 "data.format": "prompt rows",
                 "data.packing": "sampled rows",
                 "data.truncation_side": TRUNCATION_REASON,
+                **PROMPT_TOKENISATION,
             },
         )
         if p.max_new_tokens >= cfg.data.max_length:

@@ -28,7 +28,8 @@ from posttrain.config import (
 )
 from posttrain.data.batches import PolicyBatch
 from posttrain.data.encoding import check_prompts
-from posttrain.data.loading import DataError, load_rows, require_columns
+from posttrain.data.loading import DataError, Source, load_rows, require_columns
+from posttrain.data.sources import describe, eval_source, mix, train_sources
 from posttrain.evaluation import accuracy_of
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.models.sharding import full_parameters, shard_frozen
@@ -60,6 +61,13 @@ class OnlineRLSettings:
     and its samples score failure_reward (counted as rewards/NAME/timeouts). 0: no limit."""
 
 
+# RL prompts are tokenised as they are sampled, not by datasets.map at load time.
+PROMPT_TOKENISATION = {
+    "data.num_proc": "prompts are tokenised by the rollout engine as they are sampled",
+    "data.cache": "prompts are tokenised by the rollout engine as they are sampled",
+}
+
+
 def load_policy_and_prompts(cfg, algorithm: Algorithm | None = None) -> tuple:
     """What every online trainer starts from: (tokenizer, policy model with LoRA when asked,
     training prompts, held-out prompts or None). `algorithm`: use the model and tokenizer it
@@ -71,8 +79,9 @@ def load_policy_and_prompts(cfg, algorithm: Algorithm | None = None) -> tuple:
         model = load_causal_lm(cfg.model)
     if cfg.model.lora.r > 0:
         model = apply_lora(model, cfg.model.lora)
-    data = PromptData(cfg.data.train_path)
-    eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
+    data = PromptData(train_sources(cfg.data), cfg.train.seed)
+    held_out = eval_source(cfg.data)
+    eval_data = PromptData([held_out]) if held_out is not None else None
     for prompts in (data, eval_data) if eval_data else (data,):  # chat prompts: template, roles
         check_prompts(tokenizer, prompts.prompts, prompts.path)
     return tokenizer, model, data, eval_data
@@ -102,13 +111,14 @@ def build_scorer(
 class PromptData:
     """Prompt rows plus their other columns (passed to reward functions)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.rows = load_rows(path)
+    def __init__(self, path: str | list[Source], seed: int = 0):
+        sources = path if isinstance(path, list) else [Source(path)]
+        self.path = describe(sources)
+        self.rows = mix([load_rows(s) for s in sources], sources, seed)
         require_columns(
             self.rows,
             ["prompt"],
-            path,
+            self.path,
             "'prompt' (and the columns your rewards read, e.g. 'answer')",
         )
         self.columns = [c for c in self.rows.column_names if c != "prompt"]

@@ -13,8 +13,10 @@ from posttrain.algorithms.base import OfflineAlgorithm
 from posttrain.config import BaseRecipe
 from posttrain.data.batches import SFTBatch
 from posttrain.data.collate import pack_collate, pad_collate
-from posttrain.data.encoding import EncodedExample, detect_format, encode_sft_examples
-from posttrain.data.loading import DataError, load_rows
+from posttrain.data.encoding import EncodedExample
+from posttrain.data.encoding import encode_sft_file as encode_sft_file  # re-exported
+from posttrain.data.sources import describe, eval_source, train_sources
+from posttrain.data.tokenized import MapOptions
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
@@ -32,37 +34,6 @@ from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 @dataclass
 class SFTRecipe(BaseRecipe):
     """SFT has no section of its own: model, data, optim, train, logging."""
-
-
-@dataclass
-class EncodedData:
-    examples: list[EncodedExample]
-    truncated: int
-    skipped: int
-
-
-def encode_sft_file(
-    tokenizer, path: str, fmt: str, max_length: int, limit: int | None = None, side: str = "right"
-) -> EncodedData:
-    """Load and tokenize an SFT data file; rows with no target tokens are skipped and counted."""
-    rows = load_rows(path)
-    fmt = detect_format(rows.column_names, path, fmt)
-    examples, truncated, skipped = [], 0, 0
-    for i, row in enumerate(rows):
-        if limit is not None and len(examples) >= limit:
-            break
-        where = f"{path}: row {i + 1}"
-        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, where, side):
-            truncated += ex.truncated
-            if sum(ex.loss_mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
-                skipped += 1
-                continue
-            examples.append(ex)
-    if not examples:
-        raise DataError(
-            f"{path}: no usable rows ({skipped} had no completion tokens within max_length)"
-        )
-    return EncodedData(examples, truncated, skipped)
 
 
 def forward_logits(model, batch) -> torch.Tensor:
@@ -126,29 +97,34 @@ class SFT(OfflineAlgorithm):
                 model.requires_grad_(False)
             heads = build_heads(model, cfg.model.mtp, cfg.model.name_or_path)
             model = MTPCausalLM(model, heads)
+        options = MapOptions.from_config(cfg, accelerator)
+        sources = train_sources(cfg.data)
         self.train_data = encode_sft_file(
             self.tokenizer,
-            cfg.data.train_path,
+            sources,
             cfg.data.format,
             cfg.data.max_length,
             side=cfg.data.truncation_side,
+            options=options,
         )
         self.eval_data = None
-        if cfg.data.eval_path:
+        held_out = eval_source(cfg.data)
+        if held_out is not None:
             self.eval_data = encode_sft_file(
                 self.tokenizer,
-                cfg.data.eval_path,
+                held_out,
                 cfg.data.format,
                 cfg.data.max_length,
                 limit=cfg.data.max_eval_examples,
                 side=cfg.data.truncation_side,
+                options=options,
             )
         self.train_examples = self.train_data.examples
         self.init_sampler(accelerator)
         if accelerator.is_main_process:
             d = self.train_data
             accelerator.print(
-                f"sft data: {len(d.examples)} examples from {cfg.data.train_path} "
+                f"sft data: {len(d.examples)} examples from {describe(sources)} "
                 f"({d.truncated} truncated to max_length={cfg.data.max_length}, {d.skipped} skipped)"
             )
         return model

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import datasets
+
 from posttrain.data.chat import (
     ChatRenderer,
     chat_sequences,
@@ -24,7 +26,8 @@ from posttrain.data.chat import (
     encode_prompt_chat,
     require_template,
 )
-from posttrain.data.loading import DataError
+from posttrain.data.loading import DataError, Source, load_rows
+from posttrain.data.tokenized import MapOptions, encode_rows, encoded_chunks, mixed
 
 FORMATS = ("messages", "prompt_completion", "text")
 FORMAT_COLUMNS = {
@@ -146,3 +149,101 @@ def encode_sft_examples(
 
 def encode_sft_row(tokenizer, row: dict, fmt: str, max_length: int, where: str) -> EncodedExample:
     return encode_sft_examples(tokenizer, row, fmt, max_length, where)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# SFT data sets: the per-row encoder above, run by datasets.map (data/tokenized.py)
+# --------------------------------------------------------------------------------------------
+
+SFT_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "loss_mask": datasets.Sequence(datasets.Value("int8")),
+        "truncated": datasets.Value("bool"),
+        "row": datasets.Value("int64"),
+    }
+)
+
+
+@dataclass
+class EncodedData:
+    examples: list[EncodedExample]
+    truncated: int
+    skipped: int
+
+
+def sft_batch(batch, indices, *, tokenizer, fmt, max_length, side, where, offset) -> dict:
+    """`encode_sft_examples` over a batch of rows: one output row per example, with its row."""
+    out = {"input_ids": [], "loss_mask": [], "truncated": [], "row": []}
+    for j, i in enumerate(indices):
+        row = {column: values[j] for column, values in batch.items()}
+        at = f"{where}: row {offset + i + 1}"
+        for ex in encode_sft_examples(tokenizer, row, fmt, max_length, at, side):
+            out["input_ids"].append(ex.input_ids)
+            out["loss_mask"].append(ex.loss_mask)
+            out["truncated"].append(ex.truncated)
+            out["row"].append(offset + i)
+    return out
+
+
+def _encode_sft_source(tokenizer, source, fmt, max_length, limit, side, options):
+    rows = load_rows(source)
+    where = str(source)
+    fmt = detect_format(rows.column_names, where, fmt)
+    settings = {"kind": "sft", "format": fmt, "max_length": max_length, "side": side}
+
+    def encode(chunk, offset):
+        kwargs = dict(tokenizer=tokenizer, fmt=fmt, max_length=max_length, side=side)
+        kwargs.update(where=where, offset=offset)
+        return encode_rows(
+            chunk, sft_batch, kwargs, settings, options, f"tokenising {where}", SFT_FEATURES
+        )
+
+    examples, truncated, skipped = [], 0, 0
+    for chunk in encoded_chunks(rows, encode, limit):
+        last_row = -1
+        columns = (chunk["input_ids"], chunk["loss_mask"], chunk["truncated"], chunk["row"])
+        for ids, mask, cut, row in zip(*columns):
+            if row != last_row:  # as the per-row loop: stop before a row once `limit` is met
+                if limit is not None and len(examples) >= limit:
+                    break
+                last_row = row
+            truncated += cut
+            if sum(mask[1:]) == 0:  # nothing left to learn (e.g. truncated away)
+                skipped += 1
+                continue
+            examples.append(EncodedExample(ids, mask, cut))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(
+            f"{where}: no usable rows ({skipped} had no completion tokens within max_length)"
+        )
+    return examples, truncated, skipped
+
+
+def encode_sft_file(
+    tokenizer,
+    path: str | Source | list[Source],
+    fmt: str,
+    max_length: int,
+    limit: int | None = None,
+    side: str = "right",
+    options: MapOptions = MapOptions(),
+) -> EncodedData:
+    """Load and tokenize SFT data (one source, or a mixture of several); rows with no target
+    tokens are skipped and counted."""
+    sources = [s if isinstance(s, Source) else Source(str(s)) for s in _as_list(path)]
+    parts, truncated, skipped = [], 0, 0
+    for source in sources:
+        examples, cut, skip = _encode_sft_source(
+            tokenizer, source, fmt, max_length, limit, side, options
+        )
+        parts.append(examples)
+        truncated += cut
+        skipped += skip
+    return EncodedData(mixed(parts, sources, options.seed), truncated, skipped)
+
+
+def _as_list(path) -> list:
+    return path if isinstance(path, list) else [path]

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 
 from posttrain.data.batches import TensorBatch
 from posttrain.data.collate import IGNORE, shifted_labels
 from posttrain.data.encoding import encode_prompt_completion
-from posttrain.data.loading import DataError, load_rows, require_columns
+from posttrain.data.loading import DataError, Source, load_rows, require_columns
 from posttrain.data.preference import _answer_text
+from posttrain.data.tokenized import MapOptions, encode_rows, encoded_chunks, mixed
 
 
 @dataclass
@@ -51,35 +53,103 @@ class KTOBatch(TensorBatch):
         return self.desirable.shape[0]
 
 
-def encode_kto_file(tokenizer, path: str, max_length: int, limit: int | None = None) -> KTOData:
-    rows = load_rows(path)
+KTO_FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.Sequence(datasets.Value("int64")),
+        "completion_ids": datasets.Sequence(datasets.Value("int64")),
+        "completion_mask": datasets.Sequence(datasets.Value("int8")),
+        "desirable": datasets.Value("bool"),
+        "status": datasets.Value("string"),  # "ok" or the reason the row is skipped
+        "truncated": datasets.Value("bool"),
+        "row": datasets.Value("int64"),
+    }
+)
+
+
+def _encode_row(tokenizer, row: dict, max_length: int, where: str) -> dict:
+    if not isinstance(row["label"], bool):
+        raise DataError(f"{where}: label must be true or false, got {row['label']!r}")
+    out = dict(prompt_ids=[], completion_ids=[], completion_mask=[], desirable=row["label"])
+    out.update(status="ok", truncated=False)
+    if not _answer_text(row["completion"]).strip():
+        return {**out, "status": "empty"}
+    ids, mask = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], where)
+    if len(ids) > max_length:
+        out["truncated"] = True
+        ids, mask = ids[:max_length], mask[:max_length]
+    if sum(mask[1:]) == 0:
+        return {**out, "status": "truncated_away"}
+    start = mask.index(1)  # the prompt is everything before the first loss token
+    return {
+        **out,
+        "prompt_ids": ids[:start],
+        "completion_ids": ids[start:],
+        "completion_mask": mask[start:],
+    }
+
+
+def kto_batch(batch, indices, *, tokenizer, max_length, where, offset) -> dict:
+    """`_encode_row` over a batch of rows (datasets.map), one output row per input row."""
+    out = {name: [] for name in KTO_FEATURES}
+    for j, i in enumerate(indices):
+        row = {column: values[j] for column, values in batch.items()}
+        encoded = _encode_row(tokenizer, row, max_length, f"{where}: row {offset + i + 1}")
+        for name, value in {**encoded, "row": offset + i}.items():
+            out[name].append(value)
+    return out
+
+
+def _encode_source(tokenizer, source: Source, max_length: int, limit, options) -> KTOData:
+    rows = load_rows(source)
+    where = str(source)
     require_columns(
-        rows, ["prompt", "completion", "label"], path, "'prompt', 'completion', 'label'"
+        rows, ["prompt", "completion", "label"], where, "'prompt', 'completion', 'label'"
     )
+    settings = {"kind": "kto", "max_length": max_length}
+
+    def encode(chunk, offset):
+        kwargs = dict(tokenizer=tokenizer, max_length=max_length, where=where, offset=offset)
+        return encode_rows(
+            chunk, kto_batch, kwargs, settings, options, f"tokenising {where}", KTO_FEATURES
+        )
+
     skipped = {"empty": 0, "truncated_away": 0}
     truncated = 0
     examples = []
-    for i, row in enumerate(rows):
+    for chunk in encoded_chunks(rows, encode, limit):
+        for e in chunk.to_list():
+            if limit is not None and len(examples) >= limit:
+                break
+            truncated += e["truncated"]
+            if e["status"] != "ok":
+                skipped[e["status"]] += 1
+                continue
+            examples.append(
+                KTOExample(
+                    e["prompt_ids"], e["completion_ids"], e["completion_mask"], e["desirable"]
+                )
+            )
         if limit is not None and len(examples) >= limit:
             break
-        where = f"{path}: row {i + 1}"
-        if not isinstance(row["label"], bool):
-            raise DataError(f"{where}: label must be true or false, got {row['label']!r}")
-        if not _answer_text(row["completion"]).strip():
-            skipped["empty"] += 1
-            continue
-        ids, mask = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], where)
-        if len(ids) > max_length:
-            truncated += 1
-            ids, mask = ids[:max_length], mask[:max_length]
-        if sum(mask[1:]) == 0:
-            skipped["truncated_away"] += 1
-            continue
-        start = mask.index(1)  # the prompt is everything before the first loss token
-        examples.append(KTOExample(ids[:start], ids[start:], mask[start:], row["label"]))
     if not examples:
-        raise DataError(f"{path}: no usable KTO rows (skipped: {skipped})")
+        raise DataError(f"{where}: no usable KTO rows (skipped: {skipped})")
     return KTOData(examples, skipped, truncated)
+
+
+def encode_kto_file(
+    tokenizer,
+    path: str | Source | list[Source],
+    max_length: int,
+    limit: int | None = None,
+    options: MapOptions = MapOptions(),
+) -> KTOData:
+    """KTO rows from one source or a weighted mixture (data/sources.py)."""
+    paths = path if isinstance(path, list) else [path]
+    sources = [s if isinstance(s, Source) else Source(str(s)) for s in paths]
+    parts = [_encode_source(tokenizer, s, max_length, limit, options) for s in sources]
+    skipped = {k: sum(p.skipped[k] for p in parts) for k in parts[0].skipped}
+    examples = mixed([p.examples for p in parts], sources, options.seed)
+    return KTOData(examples, skipped, sum(p.truncated for p in parts))
 
 
 def kto_collate(examples: list[KTOExample], pad_id: int) -> KTOBatch:

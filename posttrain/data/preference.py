@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 
 from posttrain.data.batches import PreferenceBatch
 from posttrain.data.collate import IGNORE, shifted_labels
 from posttrain.data.encoding import encode_prompt_completion, row_tools
-from posttrain.data.loading import DataError, load_rows, require_columns
+from posttrain.data.loading import DataError, Source, load_rows, require_columns
+from posttrain.data.tokenized import MapOptions, encode_rows, encoded_chunks, mixed
 
 REQUIRED = ["prompt", "chosen", "rejected"]
 
@@ -48,49 +50,127 @@ def _answer_text(answer) -> str:
     return answer if isinstance(answer, str) else ""
 
 
-def encode_preference_file(
-    tokenizer, path: str, max_length: int, limit: int | None = None
-) -> PreferenceData:
-    rows = load_rows(path)
-    require_columns(rows, REQUIRED, path, "'prompt', 'chosen', 'rejected' (optional 'margin')")
+PREFERENCE_FEATURES = datasets.Features(
+    {
+        "chosen_ids": datasets.Sequence(datasets.Value("int64")),
+        "chosen_mask": datasets.Sequence(datasets.Value("int8")),
+        "rejected_ids": datasets.Sequence(datasets.Value("int64")),
+        "rejected_mask": datasets.Sequence(datasets.Value("int8")),
+        "margin": datasets.Value("float64"),
+        "status": datasets.Value("string"),  # "ok" or the reason the row is skipped
+        "truncated": datasets.Value("bool"),
+        "row": datasets.Value("int64"),
+    }
+)
+
+
+def _encode_pair(tokenizer, row: dict, max_length: int, has_margin: bool, where: str) -> dict:
+    """One preference row as token ids, or the reason it cannot teach a preference."""
+    out = dict(chosen_ids=[], chosen_mask=[], rejected_ids=[], rejected_mask=[], margin=0.0)
+    out.update(status="ok", truncated=False)
+    chosen_text, rejected_text = _answer_text(row["chosen"]), _answer_text(row["rejected"])
+    if not chosen_text.strip() or not rejected_text.strip():
+        return {**out, "status": "empty"}
+    if row["chosen"] == row["rejected"]:
+        return {**out, "status": "identical"}
+    tools = row_tools(row, where)
+    c_ids, c_mask = encode_prompt_completion(tokenizer, row["prompt"], row["chosen"], where, tools)
+    r_ids, r_mask = encode_prompt_completion(
+        tokenizer, row["prompt"], row["rejected"], where, tools
+    )
+    if len(c_ids) > max_length or len(r_ids) > max_length:
+        out["truncated"] = True
+        c_ids, c_mask, r_ids, r_mask = (
+            c_ids[:max_length],
+            c_mask[:max_length],
+            r_ids[:max_length],
+            r_mask[:max_length],
+        )
+        if sum(c_mask[1:]) == 0 or sum(r_mask[1:]) == 0:
+            return {**out, "status": "truncated_away"}
+    margin = float(row["margin"]) if has_margin and row["margin"] is not None else 0.0
+    out.update(chosen_ids=c_ids, chosen_mask=c_mask, rejected_ids=r_ids, rejected_mask=r_mask)
+    return {**out, "margin": margin}
+
+
+def preference_batch(batch, indices, *, tokenizer, max_length, has_margin, where, offset):
+    """`_encode_pair` over a batch of rows (datasets.map), one output row per input row."""
+    out = {name: [] for name in PREFERENCE_FEATURES}
+    for j, i in enumerate(indices):
+        row = {column: values[j] for column, values in batch.items()}
+        encoded = _encode_pair(
+            tokenizer, row, max_length, has_margin, f"{where}: row {offset + i + 1}"
+        )
+        for name, value in {**encoded, "row": offset + i}.items():
+            out[name].append(value)
+    return out
+
+
+def _encode_source(tokenizer, source: Source, max_length: int, limit, options) -> PreferenceData:
+    rows = load_rows(source)
+    where = str(source)
+    require_columns(rows, REQUIRED, where, "'prompt', 'chosen', 'rejected' (optional 'margin')")
     has_margin = "margin" in rows.column_names
+    settings = {"kind": "preference", "max_length": max_length, "margin": has_margin}
+
+    def encode(chunk, offset):
+        kwargs = dict(tokenizer=tokenizer, max_length=max_length, has_margin=has_margin)
+        kwargs.update(where=where, offset=offset)
+        return encode_rows(
+            chunk,
+            preference_batch,
+            kwargs,
+            settings,
+            options,
+            f"tokenising {where}",
+            PREFERENCE_FEATURES,
+        )
+
     skipped = {"identical": 0, "empty": 0, "truncated_away": 0}
     truncated = 0
     examples = []
-    for i, row in enumerate(rows):
+    for chunk in encoded_chunks(rows, encode, limit):
+        for e in chunk.to_list():
+            if limit is not None and len(examples) >= limit:
+                break
+            truncated += e["truncated"]
+            if e["status"] != "ok":
+                skipped[e["status"]] += 1
+                continue
+            examples.append(
+                PreferenceExample(
+                    e["chosen_ids"],
+                    e["chosen_mask"],
+                    e["rejected_ids"],
+                    e["rejected_mask"],
+                    e["margin"],
+                )
+            )
         if limit is not None and len(examples) >= limit:
             break
-        where = f"{path}: row {i + 1}"
-        chosen_text, rejected_text = _answer_text(row["chosen"]), _answer_text(row["rejected"])
-        if not chosen_text.strip() or not rejected_text.strip():
-            skipped["empty"] += 1
-            continue
-        if row["chosen"] == row["rejected"]:
-            skipped["identical"] += 1
-            continue
-        tools = row_tools(row, where)
-        c_ids, c_mask = encode_prompt_completion(
-            tokenizer, row["prompt"], row["chosen"], where, tools
-        )
-        r_ids, r_mask = encode_prompt_completion(
-            tokenizer, row["prompt"], row["rejected"], where, tools
-        )
-        if len(c_ids) > max_length or len(r_ids) > max_length:
-            truncated += 1
-            c_ids, c_mask, r_ids, r_mask = (
-                c_ids[:max_length],
-                c_mask[:max_length],
-                r_ids[:max_length],
-                r_mask[:max_length],
-            )
-            if sum(c_mask[1:]) == 0 or sum(r_mask[1:]) == 0:
-                skipped["truncated_away"] += 1
-                continue
-        margin = float(row["margin"]) if has_margin and row["margin"] is not None else 0.0
-        examples.append(PreferenceExample(c_ids, c_mask, r_ids, r_mask, margin))
     if not examples:
-        raise DataError(f"{path}: no usable preference pairs (skipped: {skipped})")
+        raise DataError(f"{where}: no usable preference pairs (skipped: {skipped})")
     return PreferenceData(examples, has_margin, skipped, truncated)
+
+
+def encode_preference_file(
+    tokenizer,
+    path: str | Source | list[Source],
+    max_length: int,
+    limit: int | None = None,
+    options: MapOptions = MapOptions(),
+) -> PreferenceData:
+    """Preference pairs from one source or a weighted mixture (data/sources.py)."""
+    paths = path if isinstance(path, list) else [path]
+    sources = [s if isinstance(s, Source) else Source(str(s)) for s in paths]
+    parts = [_encode_source(tokenizer, s, max_length, limit, options) for s in sources]
+    skipped = {k: sum(p.skipped[k] for p in parts) for k in parts[0].skipped}
+    return PreferenceData(
+        mixed([p.examples for p in parts], sources, options.seed),
+        any(p.has_margin for p in parts),
+        skipped,
+        sum(p.truncated for p in parts),
+    )
 
 
 def log_data(accelerator, name: str, path: str, data: PreferenceData, max_length: int) -> None:

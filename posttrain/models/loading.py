@@ -7,6 +7,7 @@ asks for it; weights are read and written as safetensors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from transformers import (
     AutoTokenizer,
 )
 
+from posttrain import hub
 from posttrain.config import LoraConfig, ModelConfig
-from posttrain.errors import UserError
+from posttrain.errors import UserError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,11 +42,36 @@ def check_model_path(name_or_path: str) -> None:
             raise ModelError(f"model path does not exist: {name_or_path}")
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise ModelError(f"{name_or_path}: not a Hugging Face model directory (no config.json)")
+    else:  # a hub id: fail in one line now rather than after a minute of retries
+        hub.require_hub(name_or_path, "model directory", ModelError)
+
+
+def check_flash_attention(cfg: ModelConfig) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: say so in one line before
+    transformers raises its ImportError from deep inside from_pretrained."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
+            "not installed: pip install flash-attn --no-build-isolation (CUDA only), or set "
+            "model.attn_implementation=sdpa"
+        )
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU, and this machine has "
+            "none: set model.attn_implementation=sdpa"
+        )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     check_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # e.g. a hub id that is not in the cache (offline) or does not exist
+        raise ModelError(
+            f"{name_or_path}: could not load the tokenizer: {one_line(str(e))}{hub.offline_hint()}"
+        ) from None
     if tokenizer.pad_token_id is None:
         # Many causal LMs ship without a pad token; padding is always masked, so EOS serves.
         tokenizer.pad_token = tokenizer.eos_token
@@ -119,6 +146,7 @@ def dtype_notices(config, cfg: ModelConfig) -> None:
 
 def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     check_model_path(cfg.name_or_path)
+    check_flash_attention(cfg)
     name = resolved_path(cfg.name_or_path)
     adapter_only = (Path(name) / "adapter_config.json").is_file() and not (
         Path(name) / "config.json"
@@ -150,7 +178,9 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     try:
         model = auto_cls.from_pretrained(name, **kwargs)
     except OSError as e:
-        raise ModelError(f"{cfg.name_or_path}: could not load the model: {e}") from None
+        raise ModelError(
+            f"{cfg.name_or_path}: could not load the model: {one_line(str(e))}{hub.offline_hint()}"
+        ) from None
     except (ValueError, ImportError) as e:  # e.g. flash_attention_2 without flash-attn
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attn" not in text.lower() and "attention" not in text.lower():

@@ -1,0 +1,57 @@
+"""Fail fast, in one line, when a name that is not a local path needs the Hugging Face hub and the
+hub cannot be reached.
+
+Without this, `datasets.load_dataset` / `from_pretrained` on a machine with no network retry for
+about a minute and end in a multi-line traceback. In offline mode (HF_HUB_OFFLINE=1) the
+libraries only look in the local cache, which is quick, so the check steps aside there and the
+caller turns the library's "not in the cache" error into one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from urllib.parse import urlparse
+
+CONNECT_TIMEOUT_S = 3.0
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) is set to a true value."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(n, "").upper() in ("1", "ON", "YES", "TRUE") for n in names)
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+@functools.cache
+def unreachable_reason() -> str | None:
+    """Why the hub endpoint cannot be reached (one short TCP connect, once per process), or
+    None when it can."""
+    url = urlparse(endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return f"cannot reach {endpoint()} ({e.strerror or e})"
+
+
+def require_hub(name: str, what: str, error: type[Exception]) -> None:
+    """Raise `error` with one line when `name` (a hub id of `what`) would need a network that is
+    not there. Offline mode passes: the libraries then read the local cache, quickly."""
+    if offline():
+        return
+    reason = unreachable_reason()
+    if reason is not None:
+        raise error(
+            f"{name}: not a local {what}, and the hub is unreachable: {reason}; check the path, "
+            "or set HF_HUB_OFFLINE=1 to use a copy in the local Hugging Face cache"
+        )
+
+
+def offline_hint() -> str:
+    return " (HF_HUB_OFFLINE is set: only the local cache was searched)" if offline() else ""
