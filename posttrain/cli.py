@@ -82,6 +82,9 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from posttrain.train.logging import quiet_library_noise
+
+    quiet_library_noise()
 
 
 def _import_path_with_cwd() -> None:

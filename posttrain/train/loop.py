@@ -40,9 +40,10 @@ from posttrain.models.moe import MoEObjective
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import make_accelerator
 from posttrain.train.final import save_final
-from posttrain.train.logging import MetricsLogger, ProgressBar
+from posttrain.train.logging import MetricsLogger, ProgressBar, quiet_library_noise
 from posttrain.train.memory import gradient_bytes, parameter_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.trackers import start_trackers
 
 __all__ = ["make_accelerator", "train", "accumulate_gradients", "TrainResult"]
 
@@ -87,6 +88,7 @@ class TrainResult:
 def train(
     cfg: BaseRecipe, algorithm: Algorithm, accelerator: Accelerator | None = None
 ) -> TrainResult:
+    quiet_library_noise(warnings_too=False)
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
@@ -119,11 +121,12 @@ def train(
     if main and resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
+    start_trackers(accelerator, cfg)
     logger = MetricsLogger(
         out,
         main,
-        cfg.logging.tensorboard,
         resume_step=state.step if resumed_from is not None else None,
+        accelerator=accelerator,
     )
     bar = ProgressBar(
         cfg.train.max_steps, algorithm.name, main and cfg.logging.progress, state.step
@@ -170,6 +173,7 @@ def train(
                 ]
         extra = algorithm.on_step_end(model, state.step, accelerator)
         window.extra.update(extra or {})
+        logger.log_samples(state.step, algorithm.pop_samples())
         if moe is not None:
             window.extra.update(moe.on_step_end(accelerator))
 
