@@ -244,6 +244,30 @@ def merge_cmd(
     typer.echo(json.dumps({"merged": str(out)}))
 
 
+@app.command("plot")
+def plot_cmd(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories (train.output_dir) with metrics.jsonl.")
+    ],
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated metrics, e.g. loss,rewards/mean (default: common ones)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Image to write (.png, .svg, .pdf).")] = Path(
+        "curves.png"
+    ),
+) -> None:
+    """Training curves of several runs overlaid: one subplot per metric, eval points marked."""
+    from posttrain.plot import plot_runs
+
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    with user_errors_exit():
+        path = plot_runs(run_dirs, out, chosen)
+    typer.echo(json.dumps({"plot": str(path)}))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Working directory for the demo.")] = Path("demo_out"),

@@ -112,9 +112,18 @@ def truncate_after(path: Path, step: int) -> int:
 
 
 class ProgressBar:
-    """A rich bar with the latest loss; a no-op on other ranks or when disabled."""
+    """A rich bar with the latest loss; a no-op on other ranks or when disabled. Where the
+    output is not a terminal (a log file, CI, `make demo | tee`), rich draws nothing until the
+    end, so a plain line is printed instead at most every `plain_every_s` seconds."""
 
-    def __init__(self, total: int, description: str, enabled: bool, start: int = 0):
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        enabled: bool,
+        start: int = 0,
+        plain_every_s: float = 30.0,
+    ):
         self._progress = None
         if not enabled:
             return
@@ -128,11 +137,26 @@ class ProgressBar:
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total, completed=start, status="")
+        self._plain = not self._progress.console.is_terminal
+        self._plain_every_s = plain_every_s
+        self._description, self._total = description, total
+        self._started = self._last_plain = time.monotonic()
+        self._status = ""
         self._progress.start()
 
     def update(self, completed: int, status: str = "") -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=completed, status=status)
+        if self._progress is None:
+            return
+        self._status = status or self._status
+        self._progress.update(self._task, completed=completed, status=status)
+        now = time.monotonic()
+        if self._plain and (now - self._last_plain >= self._plain_every_s):
+            self._last_plain = now
+            self._progress.console.print(
+                f"{self._description} {completed}/{self._total} {self._status} "
+                f"({now - self._started:.0f} s)",
+                highlight=False,
+            )
 
     def close(self) -> None:
         if self._progress is not None:
