@@ -29,7 +29,9 @@ CONDITIONAL = {
     "train.resume": "read by the CLI (--resume) before the loop",
     "train.num_threads": "CPU only, read when > 0",
     "optim.decay_embeddings": "read only when optim.weight_decay > 0",
-    "logging.tensorboard": "read only on the main process when true",
+    "logging.project": "read only when logging.report_to names a tracker",
+    "logging.run_name": "read only when logging.report_to names a tracker",
+    "logging.samples_": "online RL only (grpo, kimi, ppo: the samples table)",
 }
 PER_ALGORITHM = {
     "sft": {

@@ -175,3 +175,18 @@ def test_report_to_names_and_the_older_tensorboard_key():
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(Exception, match=r"logging.tensorboard=true .*posttrain\[tensorboard\]"):
             check_trackers(LoggingConfig(tensorboard=True))
+
+
+def test_resume_keeps_samples_up_to_the_checkpoint(tmp_path):
+    from posttrain.train.logging import MetricsLogger
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"step": s, "reward": s}) + "\n" for s in range(1, 6)))
+    MetricsLogger(tmp_path, True, resume_step=3).close()
+    assert [r["step"] for r in read_jsonl(samples)] == [1, 2, 3]
+    assert [r["step"] for r in read_jsonl(tmp_path / "samples.dropped.jsonl")] == [4, 5]
+    logger = MetricsLogger(tmp_path, True)  # a fresh run starts a fresh table
+    assert not samples.exists()
+    logger.log_samples(7, [{"prompt": "p", "completion": "c", "reward": 1.0}])
+    logger.close()
+    assert read_jsonl(samples) == [{"step": 7, "prompt": "p", "completion": "c", "reward": 1.0}]
