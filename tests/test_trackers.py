@@ -11,6 +11,9 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,34 @@ def test_resume_keeps_samples_up_to_the_checkpoint(tmp_path):
     logger.log_samples(7, [{"prompt": "p", "completion": "c", "reward": 1.0}])
     logger.close()
     assert read_jsonl(samples) == [{"step": 7, "prompt": "p", "completion": "c", "reward": 1.0}]
+
+
+QUIET_SCRIPT = """
+import warnings
+from accelerate import PartialState
+from accelerate.utils.other import clean_state_dict_for_safetensors
+import torch
+from posttrain.train.logging import quiet_library_noise
+
+quiet_library_noise()
+PartialState()
+tied = torch.zeros(2)
+clean_state_dict_for_safetensors({"embed.weight": tied, "lm_head.weight": tied})
+warnings.warn("this API will change", FutureWarning)
+warnings.warn("a real problem", UserWarning)
+"""
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_library_notices_go_to_the_debug_log(debug):
+    r = subprocess.run(
+        [sys.executable, "-c", QUIET_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "POSTTRAIN_DEBUG": debug},
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "a real problem" in r.stderr  # other warnings still show
+    shown = ("Removed shared tensor" in r.stderr, "this API will change" in r.stderr)
+    assert shown == ((True, True) if debug else (False, False)), r.stderr
