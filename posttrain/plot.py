@@ -18,6 +18,7 @@ from posttrain.errors import MissingExtraError, UserError
 # Shown when --metrics is not given, in this order, where at least one run logged them.
 DEFAULT_METRICS = (
     "loss",
+    "token_accuracy",
     "rewards/mean",
     "accuracy",
     "rewards_accuracy",

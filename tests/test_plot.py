@@ -86,3 +86,14 @@ def test_plot_errors_are_one_line(two_runs, tmp_path):
     assert "no run logged rewards/mean" in r.stderr
     r = run_cli("plot", str(tmp_path), "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+
+
+def test_demo_writes_curves_of_its_runs(two_runs, tmp_path):
+    from rich.console import Console
+
+    from posttrain.demo import DemoContext, write_curves
+
+    ctx = DemoContext(tmp_path, 0, Console())
+    ctx.run_dirs = list(two_runs)  # what train_stage records for every stage it trains
+    assert write_curves(ctx) == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

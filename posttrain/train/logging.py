@@ -150,7 +150,12 @@ class ProgressBar:
         self._status = status or self._status
         self._progress.update(self._task, completed=completed, status=status)
         now = time.monotonic()
-        if self._plain and (now - self._last_plain >= self._plain_every_s):
+        # (the last step is drawn by rich itself when the bar stops)
+        if (
+            self._plain
+            and completed < self._total
+            and now - self._last_plain >= self._plain_every_s
+        ):
             self._last_plain = now
             self._progress.console.print(
                 f"{self._description} {completed}/{self._total} {self._status} "
