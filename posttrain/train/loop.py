@@ -190,6 +190,7 @@ def train(
             t_window = time.perf_counter()
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             if eval_now or is_last:
+                bar.update(state.step, _status(metrics) + " evaluating ...")
                 metrics.update(
                     {f"eval/{k}": v for k, v in algorithm.evaluate(model, accelerator).items()}
                 )
