@@ -92,6 +92,9 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from posttrain.train.logging import quiet_library_noise
+
+    quiet_library_noise()
 
 
 def _import_path_with_cwd() -> None:
@@ -378,6 +381,30 @@ def merge_cmd(
     with user_errors_exit():
         merge_adapter(adapter_dir, out)
     typer.echo(json.dumps({"merged": str(out)}))
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories (train.output_dir) with metrics.jsonl.")
+    ],
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated metrics, e.g. loss,rewards/mean (default: common ones)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Image to write (.png, .svg, .pdf).")] = Path(
+        "curves.png"
+    ),
+) -> None:
+    """Training curves of several runs overlaid: one subplot per metric, eval points marked."""
+    from posttrain.plot import plot_runs
+
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    with user_errors_exit():
+        path = plot_runs(run_dirs, out, chosen)
+    typer.echo(json.dumps({"plot": str(path)}))
 
 
 @app.command("demo")

@@ -257,8 +257,23 @@ class LoggingConfig:
     """Write metrics every N optimizer steps."""
     progress: bool = True
     """Show a rich progress bar on rank 0."""
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["jsonl"]
+    )
+    """Where metrics go: output_dir/metrics.jsonl always, plus Accelerate's trackers listed here
+    (each needs its extra, e.g. pip install 'posttrain[wandb]'; WANDB_MODE=offline honoured;
+    MLflow writes output_dir/mlflow.db unless MLFLOW_TRACKING_URI is set)."""
+    project: str = "posttrain"
+    """Tracker project (W&B project, MLflow experiment, trackio project, TensorBoard subdir)."""
+    run_name: str = ""
+    """Tracker run name; empty: the output directory's name."""
+    samples_every: NonNegativeInt = 10
+    """Online RL: log a table of sample completions with their rewards to samples.jsonl and the
+    trackers at the first rollout and then at least every N steps (0: never)."""
+    samples_count: PositiveInt = 8
+    """Online RL: completions per samples table (rank 0's first ones of the rollout)."""
     tensorboard: bool = False
-    """Also write TensorBoard events to output_dir/tb (needs the tensorboard extra)."""
+    """Older spelling of report_to: [jsonl, tensorboard]; true adds tensorboard to report_to."""
 
 
 @dataclass

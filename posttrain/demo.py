@@ -3,7 +3,8 @@
 Creates the tiny model and the bundled arithmetic task locally, measures held-out greedy
 accuracy, trains each requested stage with the recipe from `recipes/`, measures again, and
 prints a before/after table. `DIR/demo_summary.json` holds one record per stage with `stage`,
-`accuracy_before`, `accuracy_after` and `seconds`.
+`accuracy_before`, `accuracy_after` and `seconds`; `DIR/curves.png` (with the plot extra) the
+training curves of every stage overlaid. Each phase says what it does and how long it took.
 """
 
 from __future__ import annotations
@@ -45,11 +46,21 @@ class DemoContext:
         self.records: list[dict] = []
         self.weak: tuple[Path, float] | None = None
         self.reward_model: Path | None = None
+        self.run_dirs: list[Path] = []  # every training run, for curves.png
 
     def accuracy(self, model_dir: Path) -> dict:
         from posttrain.evaluation import evaluate_model
 
-        return evaluate_model(str(model_dir), str(self.data / "rl_test.jsonl"), EVAL_MAX_NEW_TOKENS)
+        started = time.perf_counter()
+        with self.console.status(f"held-out greedy accuracy of {model_dir} ..."):
+            result = evaluate_model(
+                str(model_dir), str(self.data / "rl_test.jsonl"), EVAL_MAX_NEW_TOKENS
+            )
+        self.console.print(
+            f"  accuracy of {model_dir}: {result['accuracy']:.1%} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+        return result
 
     def overrides(self, stage_out: Path, model: Path, recipe: Path) -> list[str]:
         """Point a recipe at this demo's model, output and data files (same file names)."""
@@ -81,9 +92,16 @@ def train_stage(
     path = recipe_path(recipe)
     overrides = ctx.overrides(ctx.out / out_name, model, path) + ["train.save_every=0", *extra]
     cfg = load_recipe(recipe_cls, path, overrides)
+    ctx.console.print(
+        f"  training {algorithm} with recipes/{recipe}: {cfg.train.max_steps} steps "
+        f"from {model} -> {cfg.train.output_dir}"
+    )
     started = time.perf_counter()
     result = train(cfg, algorithm_cls(cfg))
-    return result, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    ctx.run_dirs.append(result.output_dir)
+    ctx.console.print(f"  {algorithm} done in {seconds:.0f} s")
+    return result, seconds
 
 
 def stage_sft(ctx: DemoContext) -> dict:
@@ -103,6 +121,7 @@ def stage_sft(ctx: DemoContext) -> dict:
 def weak_sft(ctx: DemoContext) -> tuple[Path, float]:
     """A deliberately under-trained SFT checkpoint (made once per demo) for the later stages."""
     if ctx.weak is None:
+        ctx.console.print("[bold]weak SFT[/bold]: the starting point of this stage (made once)")
         result, _ = train_stage(ctx, "sft", "sft_tiny_weak.yaml", ctx.base_model, "sft-weak")
         ctx.weak = (result.final_dir, ctx.accuracy(result.final_dir)["accuracy"])
     return ctx.weak
@@ -217,4 +236,22 @@ def run_demo(out: Path, stages: list[str], threads: int = 0) -> list[dict]:
         )
     console.print(table)
     console.print(f"summary: {out / 'demo_summary.json'}")
+    write_curves(ctx)
     return ctx.records
+
+
+def write_curves(ctx: DemoContext) -> Path | None:
+    """DIR/curves.png: every stage's training curves overlaid (`posttrain plot`), when
+    matplotlib (the plot extra) is installed."""
+    import importlib.util
+
+    if not ctx.run_dirs:
+        return None
+    if importlib.util.find_spec("matplotlib") is None:
+        ctx.console.print("curves: pip install 'posttrain[plot]' to get curves.png")
+        return None
+    from posttrain.plot import plot_runs
+
+    path = plot_runs(ctx.run_dirs, ctx.out / "curves.png")
+    ctx.console.print(f"curves: {path}")
+    return path

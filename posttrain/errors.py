@@ -41,7 +41,10 @@ EXTRAS = {
     "bitsandbytes": "pip install bitsandbytes (QLoRA needs a CUDA GPU)",
     "flash_attn": "pip install flash-attn, or set model.attn_implementation=sdpa",
     "trl": "pip install 'posttrain[bench]'",
-    "matplotlib": "pip install 'posttrain[bench]'",
+    "matplotlib": "pip install 'posttrain[plot]'",
+    "wandb": "pip install 'posttrain[wandb]'",
+    "mlflow": "pip install 'posttrain[mlflow]'",
+    "trackio": "pip install 'posttrain[trackio]'",
 }
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

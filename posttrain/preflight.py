@@ -6,14 +6,14 @@ without trust_remote_code, a missing optional package.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from posttrain.errors import MissingExtraError, OutputPathError
+from posttrain.errors import OutputPathError
 from posttrain.models.loading import ModelError
+from posttrain.train.trackers import check_trackers
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -81,11 +81,8 @@ def check_remote_code(model_path: str, trust_remote_code: bool, key: str) -> Non
 
 
 def check_extras(cfg) -> None:
-    if getattr(cfg.logging, "tensorboard", False) and not importlib.util.find_spec("tensorboard"):
-        raise MissingExtraError(
-            "logging.tensorboard=true needs the tensorboard package: "
-            "pip install 'posttrain[tensorboard]' (or set logging.tensorboard=false)"
-        )
+    """Every tracker of logging.report_to (and logging.tensorboard) is installed."""
+    check_trackers(cfg.logging)
 
 
 def preflight(cfg) -> None:

@@ -29,13 +29,15 @@ CONDITIONAL = {
     "train.resume": "read by the CLI (--resume) before the loop",
     "train.num_threads": "CPU only, read when > 0",
     "optim.decay_embeddings": "read only when optim.weight_decay > 0",
-    "logging.tensorboard": "read only on the main process when true",
     "train.hub_": "read only when train.push_to_hub (checked before training, used after it)",
     "evaluation.rewards": "read only when evaluation.metric is not default",
     "evaluation.match": "read only when evaluation.metric is not default",
     "evaluation.max_new_tokens": "read only when evaluation.metric is not default",
     "evaluation.samples": "read only when evaluation.metric is not default",
     "evaluation.success_threshold": "read only when evaluation.metric is not default",
+    "logging.project": "read only when logging.report_to names a tracker",
+    "logging.run_name": "read only when logging.report_to names a tracker",
+    "logging.samples_": "online RL only (grpo, kimi, ppo: the samples table)",
 }
 PER_ALGORITHM = {
     "sft": {

@@ -116,6 +116,11 @@ class Algorithm(ABC):
         """Hook after each optimizer step (e.g. refresh a reference policy); returns metrics."""
         return {}
 
+    def pop_samples(self) -> list[dict]:
+        """Sample completions (dicts of prompt, completion, rewards) this step produced for the
+        samples table, handed over once; online RL only."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 

@@ -29,6 +29,7 @@ from posttrain.algorithms.base import Algorithm, StepSampler
 from posttrain.algorithms.rl_common import (
     PROMPT_TOKENISATION,
     OnlineRLSettings,
+    SampleLog,
     build_scorer,
     chunked,
     generate_and_score,
@@ -138,6 +139,7 @@ class GroupRL(Algorithm):
         self.sampler = self.make_sampler()
         self.buffer: list = []
         self.rollout_metrics: dict = {}
+        self.samples = SampleLog(cfg.logging.samples_every, cfg.logging.samples_count)
         self.rollouts_done = 0
         shared = g.share_prompt_forward and fast_path(model, "custom_mask", accelerator.print)
         fast_path(model, "shared_decode", accelerator.print)  # the engine steps aside itself
@@ -209,6 +211,8 @@ class GroupRL(Algorithm):
         indices = process_share(self.step_prompts(step), accelerator)
         rollout, scores, stats = self.generate(model, accelerator, indices, seed)
         rewards, extra = self.score(scores, step, indices)
+        prompts = [self.data.prompts[i] for i in indices for _ in range(g.num_generations)]
+        self.samples.record(step + 1, prompts, rollout, scores)
         metrics = {
             **rollout_metrics(rollout, scores, stats),
             **extra,
@@ -284,6 +288,9 @@ class GroupRL(Algorithm):
     def on_step_end(self, model, step: int, accelerator: Accelerator) -> dict:
         metrics, self.rollout_metrics = self.rollout_metrics, {}
         return metrics
+
+    def pop_samples(self) -> list[dict]:
+        return self.samples.pop()
 
     @torch.no_grad()
     def evaluate(self, model, accelerator: Accelerator) -> dict[str, float]:

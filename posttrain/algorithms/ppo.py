@@ -64,6 +64,7 @@ from posttrain.algorithms.ppo_rollout import (
 from posttrain.algorithms.rl_common import (
     PROMPT_TOKENISATION,
     OnlineRLSettings,
+    SampleLog,
     build_scorer,
     chunked,
     generate_and_score,
@@ -189,6 +190,7 @@ class PPO(Algorithm):
         self.rollouts_done = 0
         self.early_stops = 0
         self.rollout_metrics: dict = {}
+        self.samples = SampleLog(cfg.logging.samples_every, cfg.logging.samples_count)
         return model
 
     @property
@@ -252,7 +254,8 @@ class PPO(Algorithm):
 
     # ---- rollout ------------------------------------------------------------------------
 
-    def make_rollout(self, accelerator: Accelerator, model) -> None:
+    def make_rollout(self, accelerator: Accelerator, model, step: int = 0) -> None:
+        """Sample, score and estimate advantages for the optimizer steps from `step` on."""
         cfg, p, n = self.cfg, self.cfg.ppo, self.cfg.ppo.samples_per_prompt
         started = time.perf_counter()
         index = self.rollouts_done
@@ -271,6 +274,8 @@ class PPO(Algorithm):
             params,
             max_prompt_tokens=cfg.data.max_length - p.max_new_tokens,
         )
+        prompts = [self.data.prompts[i] for i in indices for _ in range(n)]
+        self.samples.record(step + 1, prompts, rollout, scored)
         scores = scored.rewards  # (N,)
         if p.normalize_scores:
             self.moments.update(*global_moments(scores, None, accelerator))
@@ -316,7 +321,7 @@ class PPO(Algorithm):
 
     def micro_batches(self, step: int, accelerator: Accelerator, model) -> list:
         if self.rollout is None or self.cursor >= len(self.plan):
-            self.make_rollout(accelerator, model)
+            self.make_rollout(accelerator, model, step)
         rows = local_rows(self.plan[self.cursor], self.cfg.train.batch_size, accelerator)
         self.cursor += 1
         micro = [self.rollout.select(r) for r in rows]
@@ -362,6 +367,9 @@ class PPO(Algorithm):
             "early_stops": self.early_stops,
             "rollouts": self.rollouts_done,
         }
+
+    def pop_samples(self) -> list[dict]:
+        return self.samples.pop()
 
     def epoch_at(self, step: int) -> float:
         return self.rollouts_done * self.cfg.ppo.prompts_per_rollout / len(self.data)

@@ -350,3 +350,47 @@ def reduce_means(accelerator: Accelerator, metrics: dict[str, float]) -> dict[st
     values = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean").tolist()
     return dict(zip(keys, values))
+
+
+class SampleLog:
+    """The samples table of an online RL run (logging.samples_every, logging.samples_count):
+    at the first rollout, then at the first rollout at least `every` steps after the last
+    table, this process's first `count` completions with prompt, total and per-function
+    rewards, length and truncation. The loop logs rank 0's rows (train/logging.py)."""
+
+    def __init__(self, every: int, count: int):
+        self.every, self.count = every, count
+        self.last_step: int | None = None
+        self.pending: list[dict] = []
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (self.last_step is None or step - self.last_step >= self.every)
+
+    def record(self, step: int, prompts: list, rollout: RolloutBatch, scored) -> None:
+        """`step`: the optimizer step this rollout trains (1-based, as in metrics.jsonl);
+        `prompts`: the prompt of each of the rollout's rows."""
+        if not self.due(step):
+            return
+        self.last_step = step
+        rows = []
+        for i in range(min(self.count, len(rollout))):
+            row = {
+                "prompt": _prompt_text(prompts[i]),
+                "completion": rollout.texts[i],
+                "reward": float(scored.rewards[i]),
+            }
+            row.update({f"reward/{k}": float(v[i]) for k, v in scored.per_function.items()})
+            row.update(length=int(rollout.lengths[i]), truncated=bool(rollout.truncated[i]))
+            rows.append(row)
+        self.pending = rows
+
+    def pop(self) -> list[dict]:
+        rows, self.pending = self.pending, []
+        return rows
+
+
+def _prompt_text(prompt) -> str:
+    """A chat prompt as its last message's text (the question); plain text as is."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        return str(prompt[-1].get("content", ""))
+    return str(prompt)

@@ -28,6 +28,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 from posttrain.config import BaseRecipe, ConfigError
+from posttrain.train.trackers import accelerator_kwargs
 
 SHARDINGS = ("none", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 
@@ -153,6 +154,8 @@ def make_accelerator(cfg: BaseRecipe) -> Accelerator:
             "train.sharding=fsdp2 or a DeepSpeed ZeRO config"
         )
     common = dict(mixed_precision=precision, step_scheduler_with_optimizer=False)
+    # logging.report_to's trackers (a missing extra is a one-line error here, before any model)
+    common.update(accelerator_kwargs(cfg))
     if sharding.startswith("deepspeed"):
         if on_cpu:
             raise LaunchError(

@@ -44,9 +44,10 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import make_accelerator
 from posttrain.train.final import model_writer, save_final
 from posttrain.train.hub import check_hub_ready
-from posttrain.train.logging import MetricsLogger, ProgressBar
+from posttrain.train.logging import MetricsLogger, ProgressBar, quiet_library_noise
 from posttrain.train.memory import gradient_bytes, parameter_summary
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.trackers import start_trackers
 
 __all__ = ["make_accelerator", "train", "accumulate_gradients", "TrainResult"]
 
@@ -98,6 +99,7 @@ def train(
     of on_step_end(step, state), on_log(step, metrics), on_evaluate(step, metrics), called on
     every process (see `_notify`)."""
     check_hub_ready(cfg.train)  # push_to_hub that cannot work: one line now, not after training
+    quiet_library_noise(warnings_too=False)
     accelerator = accelerator or make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
@@ -131,11 +133,12 @@ def train(
     if main and resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
+    start_trackers(accelerator, cfg)
     logger = MetricsLogger(
         out,
         main,
-        cfg.logging.tensorboard,
         resume_step=state.step if resumed_from is not None else None,
+        accelerator=accelerator,
     )
     bar = ProgressBar(
         cfg.train.max_steps, algorithm.name, main and cfg.logging.progress, state.step
@@ -182,6 +185,7 @@ def train(
                 ]
         extra = algorithm.on_step_end(model, state.step, accelerator)
         window.extra.update(extra or {})
+        logger.log_samples(state.step, algorithm.pop_samples())
         if moe is not None:
             window.extra.update(moe.on_step_end(accelerator))
         if callbacks:  # a copy: a callback cannot move the loop's own counters
@@ -201,6 +205,7 @@ def train(
             eval_now = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             evaluated = None
             if eval_now or is_last:
+                bar.update(state.step, _status(metrics) + " evaluating ...")
                 evaluated = dict(algorithm.evaluate(model, accelerator))
                 if periodic_eval is not None:
                     policy = accelerator.unwrap_model(model)
