@@ -27,6 +27,7 @@ from posttrain.config import (
 from posttrain.data.kto import KTOBatch, encode_kto_file, kto_collate
 from posttrain.losses.kto import kto_loss
 from posttrain.losses.types import LossOutput
+from posttrain.models.lm_head import configure
 from posttrain.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
 
@@ -72,6 +73,7 @@ class KTO(OfflineAlgorithm):
         model = load_causal_lm(cfg.model)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        configure(model, cfg.model.logit_chunk_tokens)
         data = encode_kto_file(self.tokenizer, cfg.data.train_path, cfg.data.max_length)
         self.train_examples = data.examples
         if accelerator.is_main_process:

@@ -26,6 +26,7 @@ from posttrain.data.batches import PolicyBatch
 from posttrain.data.encoding import check_prompts
 from posttrain.data.loading import DataError, load_rows, require_columns
 from posttrain.evaluation import accuracy_of
+from posttrain.models.lm_head import configure as configure_head
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.models.sharding import full_parameters, shard_frozen
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
@@ -74,6 +75,7 @@ def load_policy_and_prompts(cfg) -> tuple:
     model = load_causal_lm(cfg.model)
     if cfg.model.lora.r > 0:
         model = apply_lora(model, cfg.model.lora)
+    configure_head(model, cfg.model.logit_chunk_tokens)
     data = PromptData(cfg.data.train_path)
     eval_data = PromptData(cfg.data.eval_path) if cfg.data.eval_path else None
     for prompts in (data, eval_data) if eval_data else (data,):  # chat prompts: template, roles
@@ -177,7 +179,9 @@ def load_reference(cfg_model, reference_path: str, policy, accelerator) -> torch
             attn_implementation=cfg_model.attn_implementation,
         )
     )
-    return shard_frozen(accelerator, load_causal_lm(ref_cfg))
+    reference = load_causal_lm(ref_cfg)
+    configure_head(reference, cfg_model.logit_chunk_tokens)  # before sharding: see plan_of
+    return shard_frozen(accelerator, reference)
 
 
 def generate_and_score(
