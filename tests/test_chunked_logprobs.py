@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import types
+import weakref
 
 import pytest
 import torch
@@ -169,9 +170,8 @@ def test_completion_logprobs_equal(family_model, family):
     compare(model, lambda m: compute(m, 3))
 
 
-def sft_batch(vocab: int):
+def sft_batch(vocab: int, B: int = 3, T: int = 12):
     g = torch.Generator().manual_seed(3)
-    B, T = 3, 12
     input_ids = torch.randint(3, vocab, (B, T), generator=g)
     attention_mask = torch.ones(B, T, dtype=torch.long)
     attention_mask[2, 9:] = 0
@@ -247,16 +247,18 @@ def test_gate_auto_off_and_step_aside(family_model, capfd):
         assert why in line and "\n" not in line
 
 
-# ---- memory: no (B, T, V) float32 tensor, forward or backward --------------------------------
+# ---- memory: no (B, T, V) float32 logits alive, forward or backward --------------------------------
 
 
-class WidestLogits(TorchDispatchMode):
-    """Records the most rows of any float32 op output whose last dimension is the vocabulary
-    (the head's weight, (V, H), and its transpose (H, V) are not logits and are skipped)."""
+class LiveLogits(TorchDispatchMode):
+    """Watches every op output that is float32 with the vocabulary as last dimension (logits,
+    log-probs, their gradients; the head's (H, V) weight transpose is not one) and records the
+    most rows of such tensors alive at once: a single (B*T, V) tensor, or B*T rows of saved
+    chunks kept for backward, both show up."""
 
     def __init__(self, vocab: int, hidden: int):
         super().__init__()
-        self.vocab, self.hidden, self.rows = vocab, hidden, 0
+        self.vocab, self.hidden, self.live, self.peak = vocab, hidden, [], 0
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -268,33 +270,48 @@ class WidestLogits(TorchDispatchMode):
                 and t.shape[-1] == self.vocab
                 and tuple(t.shape) != (self.hidden, self.vocab)
             ):
-                self.rows = max(self.rows, t.numel() // self.vocab)
+                self.live.append(weakref.ref(t))
+        alive = [r() for r in self.live]
+        self.live = [r for r, t in zip(self.live, alive, strict=True) if t is not None]
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in alive
+            if t is not None
+        }
+        self.peak = max(self.peak, sum(storages.values()) // (4 * self.vocab))
         return out
 
 
 def test_no_full_logits_tensor(family_model):
     model = family_model("llama-tied")
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    batch = sft_batch(vocab)
-    positions = batch.input_ids.numel()  # B*T = 36 rows of logits on the plain path
+    batch = sft_batch(vocab, B=4, T=24)
+    rows = rollout_rows(vocab, groups=3, group=4)
+    sft_rows, rollout_positions = int((batch.labels != -100).sum()), int(rows[3].sum())
 
-    def widest(chunk: int) -> int:
+    def peak(chunk: int, compute) -> int:
         lm_head.configure(model, chunk)
-        watcher = WidestLogits(vocab, hidden)
+        watcher = LiveLogits(vocab, hidden)
         with watcher:
-            plan = lm_head.plan_of(model)
-            if plan is None:
-                out = cross_entropy_loss(forward_logits(model, batch), batch.labels)
-            else:
-                out = chunked_loss(model, batch, plan)
-            out.total.backward()
-            logp = sequence_logprobs(model, *rollout_rows(vocab), 0.7, return_entropy=True)[0]
-            logp.sum().backward()
+            compute().backward()
         lm_head.configure(model, 0)
-        return watcher.rows
+        return watcher.peak
 
-    assert widest(0) >= positions  # the watcher sees the plain path's full logits
-    assert widest(4) <= 4  # chunked: never more than one chunk of rows, forward or backward
+    def sft():
+        plan = lm_head.plan_of(model)
+        if plan is None:
+            return cross_entropy_loss(forward_logits(model, batch), batch.labels).total
+        return chunked_loss(model, batch, plan).total
+
+    def rollout():
+        logp, entropy = sequence_logprobs(model, *rows, 0.7, return_entropy=True)
+        return logp.sum() + entropy.sum()
+
+    for compute, positions in ((sft, sft_rows), (rollout, rollout_positions)):
+        assert peak(0, compute) >= positions  # the watcher sees the plain path's logits
+        # chunked: a few (chunk, V) tensors at a time (logits, tempered, log-softmax, exp,
+        # gradients), not one per position
+        assert peak(2, compute) <= 6 * 2 < positions / 2
 
 
 # ---- end to end through the CLI --------------------------------------------------------------
