@@ -140,6 +140,9 @@ class ModelConfig:
     """Multi-token prediction heads, saved beside the checkpoint (off when kind=none)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts router losses and balancing (ignored for dense models)."""
+    logit_chunk_tokens: Annotated[int, Range(ge=-1)] = -1
+    """Tokens per chunk of the LM head in loss and log-prob passes, so the full (batch, length,
+    vocab) logits never exist: 0 off, -1 auto (1024 when vocab >= 32,768, else off)."""
 
 
 @dataclass

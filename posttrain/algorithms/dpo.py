@@ -31,9 +31,11 @@ from posttrain.data.preference_packing import (
 )
 from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
+from posttrain.losses.chunked_ce import chunked_token_logprobs
 from posttrain.losses.common import selective_log_softmax
 from posttrain.losses.dpo import DPO_LOSSES, PreferenceLogps
 from posttrain.losses.types import LossOutput
+from posttrain.models.lm_head import configure, final_hidden, head_function, plan_of
 from posttrain.models.loading import apply_lora
 
 REFERENCE_FREE = ("simpo", "orpo")  # no reference model is loaded for these
@@ -65,6 +67,16 @@ def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts: (2B,), (2B,)."""
     if isinstance(batch, PackedPreferenceBatch):
         return packed_completion_logps(model, batch)
+    plan = plan_of(model)
+    if plan is not None:  # chunked LM head (models/lm_head.py): completion positions only
+        hidden = final_hidden(model, batch.input_ids, attention_mask=batch.attention_mask)
+        mask = batch.labels != -100  # (2B, T)
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+        per_token = chunked_token_logprobs(
+            hidden[mask], head_function(model, plan), batch.labels[mask], plan.chunk
+        )  # (M,)
+        sums = per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token)
+        return sums, mask.sum(-1)
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits
@@ -78,6 +90,21 @@ def packed_completion_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same sums from a prefix-shared packed batch: log-softmax only where a completion
     token is predicted, then summed per sequence."""
+    sequences = 2 * batch.num_pairs
+    plan = plan_of(model)
+    if plan is not None:  # chunked LM head (models/lm_head.py): target positions only
+        hidden = final_hidden(
+            model,
+            batch.input_ids,
+            attention_mask=forward_mask(model, batch),
+            position_ids=batch.position_ids,
+        )
+        picked = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # (N, H)
+        per_token = chunked_token_logprobs(
+            picked, head_function(model, plan), batch.target_ids, plan.chunk
+        )  # (N,)
+        sums = per_token.new_zeros(sequences).index_add(0, batch.target_seq, per_token)
+        return sums, torch.bincount(batch.target_seq, minlength=sequences)
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=forward_mask(model, batch),
@@ -86,7 +113,6 @@ def packed_completion_logps(
     ).logits
     picked = logits.reshape(-1, logits.shape[-1])[batch.target_index]  # (N, V)
     per_token = selective_log_softmax(picked[None], batch.target_ids[None])[0]  # (N,)
-    sequences = 2 * batch.num_pairs
     sums = per_token.new_zeros(sequences).index_add(0, batch.target_seq, per_token)
     return sums, torch.bincount(batch.target_seq, minlength=sequences)
 
@@ -101,6 +127,7 @@ class DPO(OfflineAlgorithm):
         check_packing_supported(cfg, model, accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        configure(model, cfg.model.logit_chunk_tokens)
         options = MapOptions.from_config(cfg, accelerator)
         sources = train_sources(cfg.data)
         self.train_data = encode_preference_file(

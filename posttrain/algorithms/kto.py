@@ -29,6 +29,7 @@ from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
 from posttrain.losses.kto import kto_loss
 from posttrain.losses.types import LossOutput
+from posttrain.models.lm_head import configure
 from posttrain.models.loading import apply_lora
 
 
@@ -74,6 +75,7 @@ class KTO(OfflineAlgorithm):
         model = self.load_model()
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        configure(model, cfg.model.logit_chunk_tokens)
         options = MapOptions.from_config(cfg, accelerator)
         sources = train_sources(cfg.data)
         data = encode_kto_file(self.tokenizer, sources, cfg.data.max_length, options=options)

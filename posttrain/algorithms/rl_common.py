@@ -31,6 +31,7 @@ from posttrain.data.encoding import check_prompts
 from posttrain.data.loading import DataError, Source, load_rows, require_columns
 from posttrain.data.sources import describe, eval_source, mix, train_sources
 from posttrain.evaluation import accuracy_of
+from posttrain.models.lm_head import configure as configure_head
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.models.sharding import full_parameters, shard_frozen
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
@@ -79,6 +80,7 @@ def load_policy_and_prompts(cfg, algorithm: Algorithm | None = None) -> tuple:
         model = load_causal_lm(cfg.model)
     if cfg.model.lora.r > 0:
         model = apply_lora(model, cfg.model.lora)
+    configure_head(model, cfg.model.logit_chunk_tokens)
     data = PromptData(train_sources(cfg.data), cfg.train.seed)
     held_out = eval_source(cfg.data)
     eval_data = PromptData([held_out]) if held_out is not None else None
@@ -196,7 +198,9 @@ def load_reference(cfg_model, reference_path: str, policy, accelerator) -> torch
             attn_implementation=cfg_model.attn_implementation,
         )
     )
-    return shard_frozen(accelerator, load_causal_lm(ref_cfg))
+    reference = load_causal_lm(ref_cfg)
+    configure_head(reference, cfg_model.logit_chunk_tokens)  # before sharding: see plan_of
+    return shard_frozen(accelerator, reference)
 
 
 def generate_and_score(

@@ -17,6 +17,7 @@ from posttrain.data.encoding import EncodedExample
 from posttrain.data.encoding import encode_sft_file as encode_sft_file  # re-exported
 from posttrain.data.sources import describe, eval_source, train_sources
 from posttrain.data.tokenized import MapOptions
+from posttrain.losses.chunked_ce import chunked_cross_entropy
 from posttrain.losses.mtp import mtp_loss
 from posttrain.losses.sft import cross_entropy_loss
 from posttrain.losses.types import LossOutput
@@ -27,6 +28,7 @@ from posttrain.models.attention_support import (
     profile,
     sft_packing,
 )
+from posttrain.models.lm_head import configure, final_hidden, head_function, plan_of
 from posttrain.models.loading import apply_lora
 from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
@@ -43,6 +45,23 @@ def forward_logits(model, batch) -> torch.Tensor:
         position_ids=batch.position_ids,
         use_cache=False,
     ).logits  # (B, T, V)
+
+
+def chunked_loss(model, batch, plan) -> LossOutput:
+    """`cross_entropy_loss` through the chunked LM head (models/lm_head.py): the head runs on
+    the labelled positions only, a chunk at a time, so no (B, T, V) logits exist."""
+    hidden = final_hidden(
+        model,
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    )  # (B, T, H)
+    valid = batch.labels != -100  # (B, T)
+    head = head_function(model, plan)
+    total, units, correct = chunked_cross_entropy(
+        hidden[valid], head, batch.labels[valid], plan.chunk
+    )
+    return LossOutput(total, units, {"token_accuracy": correct.float() / units.clamp(min=1)})
 
 
 def mtp_losses(model, batch, weight: float) -> tuple[LossOutput, LossOutput]:
@@ -92,6 +111,8 @@ class SFT(OfflineAlgorithm):
             fast_path(model, "sft_packing", accelerator.print)
         if cfg.model.lora.r > 0:
             model = apply_lora(model, cfg.model.lora)
+        if cfg.model.mtp.kind == "none":  # MTP heads read the full logits of every position
+            configure(model, cfg.model.logit_chunk_tokens)
         if cfg.model.mtp.kind != "none":
             if cfg.model.mtp.freeze_base:
                 model.requires_grad_(False)
@@ -139,6 +160,9 @@ class SFT(OfflineAlgorithm):
 
     def compute_loss(self, model, batch) -> LossOutput:
         if self.cfg.model.mtp.kind == "none":
+            plan = plan_of(model)
+            if plan is not None:
+                return chunked_loss(model, batch, plan)
             return cross_entropy_loss(forward_logits(model, batch), batch.labels)
         main, extra = mtp_losses(model, batch, self.cfg.model.mtp.weight)
         # L_MTP is a per-micro-batch mean; weighting it by this micro-batch's tokens makes the

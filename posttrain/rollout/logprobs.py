@@ -10,40 +10,55 @@ float32 upcast, temperature scaling and log-softmax run one row at a time (as TR
 `selective_log_softmax`), so no second (N, C, V) temporary exists at once; without grad only
 (C, V) scratch is used on top of the logits. Gradients flow (no inference mode inside):
 trainers call this with grad enabled for π_θ and under `torch.no_grad()` for π_old / π_ref.
+With the chunked LM head (models/lm_head.py, `model.logit_chunk_tokens`) no (N, C, V) logits
+exist at all: the forward returns hidden states and posttrain/losses/chunked_ce.py applies the
+head to the masked-in completion positions a chunk at a time, in forward and backward.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
+from posttrain.losses.chunked_ce import chunked_token_logprobs
 from posttrain.models import attention_support
-from posttrain.utils import position_ids_from_mask, unwrap_model
+from posttrain.models.lm_head import (
+    HeadPlan,
+    accepts_logits_to_keep,
+    final_hidden,
+    head_function,
+    plan_of,
+)
+from posttrain.utils import position_ids_from_mask
+
+__all__ = ["accepts_logits_to_keep", "sequence_logprobs", "shares_prompts"]
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM can skip the LM head on positions we do not need."""
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
+def last_outputs(model, keep: int, plan: HeadPlan | None, input_ids, **kwargs) -> Tensor:
+    """(B, >= keep, D) outputs whose last `keep` columns are wanted: logits (D = V), or with a
+    chunked-head plan the final hidden states (D = H) that the LM head would read."""
+    if plan is not None:
+        return final_hidden(model, input_ids, **kwargs)
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    return model(input_ids=input_ids, use_cache=False, **extra, **kwargs).logits
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-    """(N, C, V) logits predicting each completion token, one [prompt; completion] row each."""
+def completion_logits(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, plan=None
+) -> Tensor:
+    """(N, C, V) logits predicting each completion token, one [prompt; completion] row each
+    (with a chunked-head plan: the (N, C, H) hidden states instead)."""
     width = completion_ids.shape[1]  # C
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (N, P + C)
-    extra = {"logits_to_keep": width + 1} if accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=input_ids,
+    logits = last_outputs(
+        model,
+        width + 1,
+        plan,
+        input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **extra,
-    ).logits
+    )
     # The logit at position t predicts token t + 1: the last prompt position predicts the first
     # completion token, and the last position predicts nothing.
     return logits[:, -(width + 1) : -1]  # (N, C, V)
@@ -59,8 +74,11 @@ def shares_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> 
     return bool((ids == ids[:, :1]).all() and (masks == masks[:, :1]).all())
 
 
-def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_size) -> Tensor:
-    """The (N, C, V) logits of `completion_logits` with each prompt run once per group.
+def shared_prompt_logits(
+    model, prompt_ids, prompt_mask, completion_ids, group_size, plan=None
+) -> Tensor:
+    """The (N, C, V) logits (or hidden states) of `completion_logits` with each prompt run
+    once per group.
 
     A group becomes one row [prompt (P, left-padded) | c_1 (C) | ... | c_G (C)] with a 4-D mask
     in which completion j sees the prompt's real tokens and its own earlier tokens only, and
@@ -94,16 +112,11 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_s
 
     # Only columns P - 1 .. W - 1 predict completion tokens: the LM head skips the prompt.
     keep = G * width + 1
-    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     # Sliding windows are applied on positions, per layer type (attention_support.model_mask).
     model_mask = attention_support.model_mask(attention_support.profile(model), mask, position_ids)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=model_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **extra,
-    ).logits[:, -keep:]  # (g, G*C + 1, V): column P - 1 + k is index k
+    logits = last_outputs(
+        model, keep, plan, input_ids, attention_mask=model_mask, position_ids=position_ids
+    )[:, -keep:]  # (g, G*C + 1, V): column P - 1 + k is index k
     # Token t of completion j is predicted at column P + j*C + t - 1, the first one by the
     # prompt's last column (P - 1: prompts are left-padded).
     t = torch.arange(width, device=device)
@@ -132,15 +145,22 @@ def sequence_logprobs(
     tokens. Falls back to one row per sample when the rows do not share their prompts or the
     model's attention cannot be given a custom mask (trainers say so at start-up).
     """
+    plan = plan_of(model)
     if (
         group_size > 1
         and attention_support.custom_mask(attention_support.profile(model)) is None
         and shares_prompts(prompt_ids, prompt_mask, group_size)
     ):
-        logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
+        logits = shared_prompt_logits(
+            model, prompt_ids, prompt_mask, completion_ids, group_size, plan
+        )
     else:
-        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logits = completion_logits(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, plan
+        )
     scale = temperature if temperature > 0 else 1.0
+    if plan is not None:  # logits is (N, C, H) hidden states: the head runs on kept tokens only
+        return _chunked(model, plan, logits, completion_ids, completion_mask, scale, return_entropy)
 
     token_logprobs, entropies = [], []
     for row_logits, row_ids in zip(logits, completion_ids, strict=True):  # (C, V), (C,)
@@ -161,3 +181,22 @@ def sequence_logprobs(
     if return_entropy:
         return out, torch.where(keep, torch.stack(entropies), zero)
     return out
+
+
+def _chunked(model, plan, hidden, completion_ids, completion_mask, scale, return_entropy):
+    """`sequence_logprobs` from (N, C, H) hidden states through the chunked LM head."""
+    keep = completion_mask.bool()  # (N, C)
+    out = chunked_token_logprobs(
+        hidden[keep],
+        head_function(model, plan),
+        completion_ids[keep],
+        plan.chunk,
+        scale,
+        return_entropy,
+    )  # (M,) each, M = kept tokens
+    parts = out if return_entropy else (out,)
+    full = []
+    for part in parts:
+        # masked_scatter keeps the gradient of the kept tokens; padding stays exactly 0
+        full.append(part.new_zeros(keep.shape).masked_scatter(keep, part))
+    return (full[0], full[1]) if return_entropy else full[0]
