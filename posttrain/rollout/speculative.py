@@ -50,7 +50,6 @@ from posttrain.rollout.stopping import StopChecker
 from posttrain.rollout.types import SamplingParams
 from posttrain.utils import eos_ids, left_pad, position_ids_from_mask
 
-
 # Rows (prompts x samples) of a chunk from which "auto" decodes plainly. Measured with
 # bench/speculative_bench.py (small preset, MTP depth 3, 2 CPU threads, greedy, 48 new tokens):
 # speculative / plain = 2.02x at 1 row, 1.26x at 16, 0.98x at 64; 32 keeps a margin below the
