@@ -10,6 +10,7 @@ configurations.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from bench import harness, mfu, report
@@ -90,6 +91,9 @@ def main() -> None:
         "matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
         flush=True,
     )
+    if args.cases is None:  # date, machine and versions of the run the README table quotes
+        report.RUN_INFO.parent.mkdir(parents=True, exist_ok=True)
+        report.RUN_INFO.write_text(json.dumps(report.run_info(settings.threads, peaks), indent=1))
     done, timings = [], {}
     for name in cases:
         case_started = time.perf_counter()

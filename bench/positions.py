@@ -41,8 +41,11 @@ class PositionCounter:
     def install(self) -> PositionCounter:
         from torch.nn.modules.module import register_module_forward_pre_hook
 
-        register_module_forward_pre_hook(self.hook)
+        self.handle = register_module_forward_pre_hook(self.hook)
         return self
+
+    def remove(self) -> None:
+        self.handle.remove()
 
     def summary(self) -> dict:
         """Positions and Σ width² (attention), split into training and no-grad forwards."""
