@@ -54,6 +54,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="probe every candidate configuration (default) or take the first (quick)",
     )
+    p.add_argument(
+        "--probe",
+        default="",
+        help="with --select probe: probe only these comma-separated cases, take the first "
+        "candidate elsewhere (default: probe every case)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return p.parse_args()
@@ -79,6 +85,7 @@ def main() -> None:
         threads=args.threads,
         device=args.device,
         select=args.select or ("fixed" if args.quick else "probe"),
+        probe_only=tuple(c.strip() for c in args.probe.split(",") if c.strip()),
     )
     started = time.perf_counter()
     if args.cases is None:  # a full run: no record of an earlier run survives

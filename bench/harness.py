@@ -65,11 +65,11 @@ TRL_PRECISION = [{"bf16": True}, {"bf16": False}]
 
 def posttrain_candidates(batch: int, micro: int) -> list[dict]:
     """posttrain's candidates for SFT/DPO/RM: packing (prefix-shared pairs for DPO/RM) in bf16,
-    the same as micro-batches x accumulation, unpacked bf16, packing in fp32."""
+    the same as micro-batches x accumulation, packing in fp32."""
     bf16, fp32 = PRECISION
     split = {"train.batch_size": micro, "train.grad_accum": batch // micro}
     return [{"data.packing": True, **bf16}, {"data.packing": True, **bf16, **split},
-            {"data.packing": False, **bf16}, {"data.packing": True, **fp32}]  # fmt: skip
+            {"data.packing": True, **fp32}]  # fmt: skip
 
 
 def trl_candidates(kind: str, batch: int, micro: int) -> list[dict]:
@@ -78,7 +78,7 @@ def trl_candidates(kind: str, batch: int, micro: int) -> list[dict]:
     split = {"micro_batch": micro}
     if kind == "sft":
         return [{"bf16": True, "padding_free": True}, {"bf16": True, "padding_free": True, **split},
-                {"bf16": True, "packing": True}, {"bf16": True}, {"bf16": False, "padding_free": True}]  # fmt: skip
+                {"bf16": True, "packing": True}, {"bf16": False, "padding_free": True}]  # fmt: skip
     return [{"bf16": True}, {"bf16": True, **split}, {"bf16": False}]
 
 
@@ -136,6 +136,10 @@ class Settings:
     threads: int = 2
     device: str = "cpu"
     select: str = "probe"  # probe | fixed
+    probe_only: tuple[str, ...] = ()  # with select=probe: probe only these cases (empty: all)
+
+    def probes(self, name: str) -> bool:
+        return self.select == "probe" and (not self.probe_only or name in self.probe_only)
 
     @property
     def suffix(self) -> str:
@@ -298,10 +302,12 @@ def hw_flops_per_s(case: Case, result: dict, warmup: int, fx: dict) -> float | N
     return flops / sum(steps[warmup:])
 
 
-def select_config(case: Case, fx: dict, settings: Settings, say) -> tuple[dict, dict, list]:
+def select_config(
+    name: str, case: Case, fx: dict, settings: Settings, say
+) -> tuple[dict, dict, list]:
     """Each side's fastest candidate, from one short probe run per candidate; the sides take
     turns (posttrain's candidate i, TRL's candidate i, ...), so a busy spell hits both."""
-    if settings.select == "fixed":
+    if not settings.probes(name):
         return case.posttrain_configs[0], case.trl_configs[0], []
     probes = []
     sides = {"posttrain": case.posttrain_configs, "trl": case.trl_configs}
@@ -330,8 +336,9 @@ def run_case(name: str, settings: Settings, peaks: dict, say=print) -> dict:
     started = time.perf_counter()
     fx = make_fixtures(settings.preset)
     record = case.record_name(settings.suffix)
-    say(f"[{record}] ({case.workload}) selecting configurations ({settings.select})")
-    pt_config, trl_config, probes = select_config(case, fx, settings, say)
+    select = "probe" if settings.probes(name) else "fixed"
+    say(f"[{record}] ({case.workload}) selecting configurations ({select})")
+    pt_config, trl_config, probes = select_config(name, case, fx, settings, say)
     config = {"posttrain": pt_config, "trl": trl_config}
     runs = {"posttrain": [], "trl": []}
     warmup, steps = case_warmup(case, settings), case_steps(case, settings)
@@ -378,7 +385,8 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
               "unit": {"sft": "sequences", "grpo": "prompts"}.get(case.name, "pairs"), "lr": case.lr,
               "scheduler": "constant", "warmup_steps_untimed": w, "timed_steps": case_steps(case, settings),
               "pairs": settings.pairs, "order": "ABBA", "threads": settings.threads,
-              "device": settings.device, "select": settings.select, "data": Path(fx[case.data]).name,
+              "device": settings.device, "data": Path(fx[case.data]).name,
+              "select": "probe" if probes else "fixed (first candidate of each side)",
               "lengths": fx["lengths"][case.data.removesuffix("_data")]}  # fmt: skip
     if case.name == "grpo":
         common.update(generations=case.generations, new_tokens=case.new_tokens, beta=0.0,
