@@ -42,11 +42,15 @@ test-all: install
 # Benchmarks against TRL (bench/README.md). TRL and matplotlib come from the `bench` extra, never
 # a runtime dependency; the constraint keeps the torch build installed above (2.13.0+cpu matches
 # ==2.13.0) so that resolving TRL can never swap it for another torch.
-# `make bench` takes each side's documented best configuration (the first candidate of each
-# case, bench/harness.py); `make bench-probe` first measures every candidate (~10 min more).
+# `make bench` runs every case (shared-prompt, long, bigvocab, rollout; bench/README.md) in ABBA
+# pairs and rewrites bench/results/latest.jsonl; it probes both sides' candidate configurations
+# on the long-workload SFT/DPO/RM cases and takes the first candidate elsewhere (the 40-minute
+# budget); `make bench-probe` probes every case. `python -m bench.report --readme` then
+# regenerates the README's performance table from the results.
+BENCH_PROBE_CASES = sft_long,dpo_long,rm_long
 bench: install
 	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
-	$(PY) -m bench --select fixed
+	$(PY) -m bench --select probe --probe $(BENCH_PROBE_CASES)
 
 bench-probe: install
 	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")

@@ -1,19 +1,26 @@
-"""`python -m bench [--quick] [--cases sft,dpo,rm,grpo,rollout] [--pairs 3] [--device cpu|cuda]`
+"""`python -m bench [--quick] [--cases sft,dpo,...] [--pairs 5] [--device cpu|cuda]`
 
-Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL alternately,
-in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
-`--quick` is the development loop: the tiny preset, short runs, first-listed configurations.
+Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL in ABBA
+order, in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
+A full run (no --cases) rewrites latest.jsonl from scratch; a run of chosen cases replaces only
+their records. `--quick` is the development loop: the tiny preset, short runs, first-listed
+configurations.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from bench import harness, mfu, report
 
-FULL_CASES = "sft,dpo,rm,grpo,rollout"
-# rm shares dpo's data path and packing, so the 3-minute development loop leaves it out.
+FULL_CASES = (
+    "sft,dpo,rm,grpo,rollout,speculative,"  # shared-prompt workload + rollout engine
+    "sft_long,dpo_long,rm_long,grpo_long,"  # long workload
+    "sft_bigvocab,grpo_bigvocab"  # real vocabulary
+)
+# rm shares dpo's data path and packing, so the development loop leaves it out.
 QUICK_CASES = "sft,dpo,grpo,rollout"
 
 
@@ -34,7 +41,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="default: small (tiny with --quick)",
     )
-    p.add_argument("--pairs", type=int, default=3, help="A/B pairs per case (at least 3)")
+    p.add_argument("--pairs", type=int, default=5, help="ABBA pairs per case (at least 5)")
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps per run (default 8, quick 4)"
     )
@@ -47,6 +54,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="probe every candidate configuration (default) or take the first (quick)",
     )
+    p.add_argument(
+        "--probe",
+        default="",
+        help="with --select probe: probe only these comma-separated cases, take the first "
+        "candidate elsewhere (default: probe every case)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return p.parse_args()
@@ -54,8 +67,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.pairs < 3:
-        raise SystemExit("--pairs must be at least 3")
+    if args.pairs < 5:
+        raise SystemExit("--pairs must be at least 5 (the ratio is a median over pairs)")
     chosen = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
     cases = [c.strip() for c in chosen.split(",") if c.strip()]
     unknown = [c for c in cases if c not in harness.CASES and c not in harness.EXTERNAL]
@@ -66,14 +79,17 @@ def main() -> None:
     settings = harness.Settings(
         preset=args.preset or ("tiny" if args.quick else "small"),
         pairs=args.pairs,
-        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-        steps=args.steps if args.steps is not None else (4 if args.quick else 8),
-        probe_steps=2 if args.quick else 3,
+        warmup=args.warmup if args.warmup is not None else 1,
+        steps=args.steps if args.steps is not None else (2 if args.quick else 3),
+        probe_steps=1 if args.quick else 2,
         threads=args.threads,
         device=args.device,
         select=args.select or ("fixed" if args.quick else "probe"),
+        probe_only=tuple(c.strip() for c in args.probe.split(",") if c.strip()),
     )
     started = time.perf_counter()
+    if args.cases is None:  # a full run: no record of an earlier run survives
+        report.LATEST.unlink(missing_ok=True)
     peaks = {
         dtype: mfu.measure_peak(dtype, settings.threads, device=settings.device)
         for dtype in ("fp32", "bf16")
@@ -82,20 +98,25 @@ def main() -> None:
         "matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
         flush=True,
     )
-    done = []
+    if args.cases is None:  # date, machine and versions of the run the README table quotes
+        report.RUN_INFO.parent.mkdir(parents=True, exist_ok=True)
+        report.RUN_INFO.write_text(json.dumps(report.run_info(settings.threads, peaks), indent=1))
+    done, timings = [], {}
     for name in cases:
+        case_started = time.perf_counter()
         if name in harness.EXTERNAL:
-            harness.EXTERNAL[name](settings, say=lambda m: print(m, flush=True))
+            names = harness.EXTERNAL[name](settings, say=lambda m: print(m, flush=True))
             records = report.load_records()
-            done += [records[k] for k in records if k == f"{name}_{settings.preset}"]
-            continue
-        record = harness.run_case(
-            harness.CASES[name], settings, peaks, say=lambda m: print(m, flush=True)
-        )
-        report.save_records([record])  # after every case, so a later failure keeps it
-        done.append(record)
+            done += [records[k] for k in names if k in records]
+        else:
+            record = harness.run_case(name, settings, peaks, say=lambda m: print(m, flush=True))
+            report.save_records([record])  # after every case, so a later failure keeps it
+            done.append(record)
+        timings[name] = time.perf_counter() - case_started
+        print(f"[{name}] {timings[name]:.0f} s", flush=True)
     report.print_table(done)
     path = report.plot(list(report.load_records().values()))
+    print("seconds per case: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"results: {report.LATEST}  plot: {path}  ({time.perf_counter() - started:.0f} s)")
 
 

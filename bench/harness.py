@@ -27,7 +27,8 @@ from pathlib import Path
 from bench import mfu
 from bench import posttrain_runner as posttrain_side
 from bench import trl_runner as trl_side
-from bench.fixtures import MAX_LENGTH, WORK, make_fixtures
+from bench.fixtures import MAX_LENGTH, MAX_LENGTH_BIG, MAX_LENGTH_LONG, WORK, make_fixtures
+from bench.posttrain_runner import GRPO_GENERATIONS, GRPO_NEW_TOKENS
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -44,70 +45,115 @@ class Case:
     posttrain_configs: list[dict] = field(default_factory=list)  # dotted recipe overrides
     trl_configs: list[dict] = field(default_factory=list)  # bench/trl_runner.py flags
     target: float = 1.0  # the ratio the issue asks for (drawn on the plot)
+    workload: str = "shared-prompt"  # shared-prompt | long | bigvocab (bench/fixtures.py)
+    record: str = ""  # record name; default f"{name}_{preset}"
+    model: str = "model"  # fixture key of the checkpoint
+    max_length: int = MAX_LENGTH  # rows (sft, dpo, rm) or prompts (grpo) fit in it
+    generations: int = GRPO_GENERATIONS  # grpo: samples per prompt
+    new_tokens: int = GRPO_NEW_TOKENS  # grpo: max new tokens
+    warmup: int | None = None  # untimed steps per run (None: Settings.warmup)
+    steps: int | None = None  # timed steps per run (None: Settings.steps)
+    rss_target: float | None = None  # peak RSS TRL / posttrain the issue asks for
+
+    def record_name(self, preset: str) -> str:
+        return self.record or f"{self.name}_{preset}"
 
 
 PRECISION = [{"train.mixed_precision": "bf16"}, {"train.mixed_precision": "no"}]
 TRL_PRECISION = [{"bf16": True}, {"bf16": False}]
+
+
+def posttrain_candidates(batch: int, micro: int) -> list[dict]:
+    """posttrain's candidates for SFT/DPO/RM: packing (prefix-shared pairs for DPO/RM) in bf16,
+    the same as micro-batches x accumulation, packing in fp32."""
+    bf16, fp32 = PRECISION
+    split = {"train.batch_size": micro, "train.grad_accum": batch // micro}
+    return [{"data.packing": True, **bf16}, {"data.packing": True, **bf16, **split},
+            {"data.packing": True, **fp32}]  # fmt: skip
+
+
+def trl_candidates(kind: str, batch: int, micro: int) -> list[dict]:
+    """TRL's candidates: bf16 and fp32, padding-free and bfd packing (SFT; DPO's padding_free
+    is disabled in TRL 1.16 and RewardTrainer has none), micro-batches x accumulation."""
+    split = {"micro_batch": micro}
+    if kind == "sft":
+        return [{"bf16": True, "padding_free": True}, {"bf16": True, "padding_free": True, **split},
+                {"bf16": True, "packing": True}, {"bf16": False, "padding_free": True}]  # fmt: skip
+    return [{"bf16": True}, {"bf16": True, **split}, {"bf16": False}]
+
+
+def trainer_case(kind: str, workload: str, batch: int, micro: int, **kw) -> Case:
+    metric = "trained_tokens_per_s" if kind == "sft" else "pairs_per_s"
+    lr = 1e-4 if kind == "sft" else 1e-5
+    data = "sft_data" if kind == "sft" else "preference_data"
+    if workload != "shared-prompt":
+        data = data.replace("_data", f"_{workload}_data")
+        kw.setdefault("record", f"{kind}_{workload}")
+    return Case(kind, metric, data, batch=batch, lr=lr, workload=workload,
+                posttrain_configs=posttrain_candidates(batch, micro),
+                trl_configs=trl_candidates(kind, batch, micro), **kw)  # fmt: skip
+
+
+# Case keys as `--cases` names them; shared-prompt cases are recorded as KEY_PRESET.
 CASES = {
-    "sft": Case(
-        "sft",
-        "trained_tokens_per_s",
-        "sft_data",
-        batch=32,
-        lr=1e-4,
-        target=3.0,
-        posttrain_configs=[{"data.packing": p, **m} for m in PRECISION for p in (True, False)],
-        trl_configs=[{"padding_free": p, **m} for m in TRL_PRECISION for p in (True, False)],
-    ),
-    "dpo": Case(
-        "dpo",
-        "pairs_per_s",
-        "preference_data",
-        batch=16,
-        lr=1e-5,
-        target=2.0,
-        posttrain_configs=[{"data.packing": p, **m} for m in PRECISION for p in (True, False)],
-        trl_configs=TRL_PRECISION,
-    ),
-    "rm": Case(
-        "rm",
-        "pairs_per_s",
-        "preference_data",
-        batch=16,
-        lr=1e-5,
-        target=2.0,
-        posttrain_configs=[{"data.packing": p, **m} for m in PRECISION for p in (True, False)],
-        trl_configs=TRL_PRECISION,
-    ),
+    "sft": trainer_case("sft", "shared-prompt", 32, 8, target=3.0),
+    "dpo": trainer_case("dpo", "shared-prompt", 16, 4, target=2.0),
+    "rm": trainer_case("rm", "shared-prompt", 16, 4, target=2.0),
     # 8 prompts x 8 samples, 32 new tokens, beta=0, one optimisation pass (posttrain_runner.py).
     # Lower is better, so the ratio is TRL's seconds per step over posttrain's.
-    "grpo": Case(
-        "grpo",
-        "seconds_per_step",
-        "rl_data",
-        batch=8,
-        lr=1e-6,
-        target=3.0,
-        posttrain_configs=PRECISION,
-        trl_configs=TRL_PRECISION,
-    ),
-}
+    "grpo": Case("grpo", "seconds_per_step", "rl_data", batch=8, lr=1e-6, target=3.0,
+                 posttrain_configs=PRECISION, trl_configs=TRL_PRECISION),
+    # Long workload: short prompts, 100-500 token responses (bench/fixtures.py).
+    "sft_long": trainer_case("sft", "long", 8, 2, target=1.3, max_length=MAX_LENGTH_LONG),
+    "dpo_long": trainer_case("dpo", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
+    "rm_long": trainer_case("rm", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
+    "grpo_long": Case("grpo", "seconds_per_step", "rl_long_data", batch=8, lr=1e-6, target=3.0,
+                      workload="long", record="grpo_long", max_length=64, new_tokens=256,
+                      posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, warmup=0, steps=1),
+    # Real vocabulary (151,936): 1,024-token sequences; memory is the point (rss_target).
+    "sft_bigvocab": Case("sft", "trained_tokens_per_s", "sft_bigvocab_data", batch=2, lr=1e-4,
+                         target=1.0, rss_target=2.0, workload="bigvocab", record="sft_bigvocab",
+                         model="bigvocab_model", max_length=MAX_LENGTH_BIG, warmup=1, steps=1,
+                         posttrain_configs=[{"data.packing": True, **PRECISION[0]}],
+                         trl_configs=[{"bf16": True, "padding_free": True}]),
+    "grpo_bigvocab": Case("grpo", "seconds_per_step", "rl_bigvocab_data", batch=1, lr=1e-6,
+                          target=1.0, rss_target=2.0, workload="bigvocab", record="grpo_bigvocab",
+                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 256,
+                          generations=2, new_tokens=256, warmup=0, steps=1,
+                          posttrain_configs=PRECISION[:1], trl_configs=TRL_PRECISION[:1]),
+}  # fmt: skip
+# The largest relative difference in generated tokens per GRPO step between the two sides.
+GRPO_TOKEN_TOLERANCE = 0.05
 
 
 @dataclass
 class Settings:
     preset: str = "small"
-    pairs: int = 3
+    pairs: int = 5
     warmup: int = 2  # untimed steps at the start of every run
     steps: int = 8  # timed steps per run
     probe_steps: int = 3  # timed steps of a configuration probe
     threads: int = 2
     device: str = "cpu"
     select: str = "probe"  # probe | fixed
+    probe_only: tuple[str, ...] = ()  # with select=probe: probe only these cases (empty: all)
+
+    def probes(self, name: str) -> bool:
+        return self.select == "probe" and (not self.probe_only or name in self.probe_only)
 
     @property
     def suffix(self) -> str:
         return self.preset
+
+
+def case_warmup(case: Case, settings: Settings) -> int:
+    return settings.warmup if case.warmup is None else case.warmup
+
+
+def case_steps(case: Case, settings: Settings, probe: bool = False) -> int:
+    if probe:
+        return min(settings.probe_steps, case.steps or settings.probe_steps)
+    return settings.steps if case.steps is None else case.steps
 
 
 def child_env(settings: Settings) -> dict:
@@ -126,8 +172,10 @@ def child_env(settings: Settings) -> dict:
     return env
 
 
-def run_process(argv: list[str], log: Path, env: dict) -> float:
-    """Run argv to completion with output to `log`; returns the child's peak RSS in MiB."""
+def run_process(argv: list[str], log: Path, env: dict, cpu: list | None = None) -> float:
+    """Run argv to completion with output to `log`; returns the child's peak RSS in MiB and
+    appends its CPU seconds (user + system) to `cpu` (the wall time on an idle machine is about
+    that over the thread count; used to size the runs on a shared one)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -137,42 +185,86 @@ def run_process(argv: list[str], log: Path, env: dict) -> float:
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}); see {log}:\n{tail}")
+    if cpu is not None:
+        cpu.append(usage.ru_utime + usage.ru_stime)
     return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def abba_order(pairs: int) -> list[tuple[str, str]]:
+    """Side order per pair: A B, B A, A B, ... (posttrain = A), so neither side always runs
+    first (the first run of a pair meets a cooler or a busier machine than the second)."""
+    return [("posttrain", "trl") if i % 2 == 0 else ("trl", "posttrain") for i in range(pairs)]
+
+
+def median_ratio(posttrain_rates: list[float], peer_rates: list[float]) -> tuple[float, list]:
+    """The reported ratio: the median of the per-pair ratios posttrain / peer (higher is better
+    on both), and those ratios."""
+    ratios = [a / b for a, b in zip(posttrain_rates, peer_rates, strict=True)]
+    return statistics.median(ratios), ratios
+
+
+def generated_tokens_check(posttrain: list[float], peer: list[float], tolerance: float) -> float:
+    """Largest relative difference of generated tokens per GRPO step; raises if a side logged
+    no tokens or the two differ by more than `tolerance` (then the step times compare different
+    work)."""
+    if not posttrain or not peer or min(posttrain) <= 0 or min(peer) <= 0:
+        raise RuntimeError(f"GRPO generated tokens per step missing or zero: posttrain "
+                           f"{posttrain}, TRL {peer}")  # fmt: skip
+    a, b = statistics.mean(posttrain), statistics.mean(peer)
+    diff = abs(a - b) / max(a, b)
+    if diff > tolerance:
+        raise RuntimeError(f"GRPO generated tokens per step differ by {diff:.1%} > "
+                           f"{tolerance:.0%}: posttrain {a:.0f}, TRL {b:.0f}")  # fmt: skip
+    return diff
 
 
 def run_side(
     side: str, case: Case, config: dict, steps: int, fx: dict, settings: Settings, tag: str
 ) -> dict:
-    """One training run of one side; returns per-step times/tokens and peak RSS."""
-    run_dir = WORK / "runs" / f"{case.name}_{settings.suffix}" / f"{side}-{tag}"
-    total = settings.warmup + steps
+    """One training run of one side; returns per-step times/tokens, positions and peak RSS."""
+    record = case.record_name(settings.suffix)
+    run_dir = WORK / "runs" / record / f"{side}-{tag}"
+    warmup = case_warmup(case, settings)
+    total = warmup + steps
+    model = fx[case.model]
+    env = child_env(settings)
+    positions = run_dir.with_suffix(".positions.json")
+    positions.unlink(missing_ok=True)
+    env.update(BENCH_POSITIONS=str(positions), BENCH_VOCAB=str(mfu.vocab_size(model)))
     if side == "posttrain":
-        recipe = WORK / "recipes" / f"{case.name}_{settings.suffix}.yaml"
-        posttrain_side.write_recipe(
-            case.name,
-            fx["model"],
-            fx[case.data],
-            recipe,
-            batch=case.batch,
-            lr=case.lr,
-            max_length=MAX_LENGTH,
-            threads=settings.threads,
-        )
+        recipe = WORK / "recipes" / f"{record}.yaml"
+        posttrain_side.write_recipe(case.name, model, fx[case.data], recipe, batch=case.batch,
+                                    lr=case.lr, max_length=case.max_length,
+                                    threads=settings.threads, generations=case.generations,
+                                    new_tokens=case.new_tokens)  # fmt: skip
         argv = posttrain_side.command(case.name, recipe, run_dir, total, config)
     else:
-        argv = trl_side.command(case.name, fx["model"], fx[case.data], run_dir.with_suffix(".json"),
-                                config, batch=case.batch, steps=total, lr=case.lr,
-                                max_length=MAX_LENGTH, threads=settings.threads,
-                                device=settings.device)  # fmt: skip
+        prompts_log = run_dir.with_suffix(".prompts.jsonl")
+        prompts_log.unlink(missing_ok=True)
+        env["BENCH_PROMPTS_LOG"] = str(prompts_log)
+        options = dict(batch=case.batch, steps=total, lr=case.lr, max_length=case.max_length,
+                       threads=settings.threads, device=settings.device)  # fmt: skip
+        if case.name == "grpo":
+            options.update(generations=case.generations, new_tokens=case.new_tokens)
+        argv = trl_side.command(case.name, model, fx[case.data], run_dir.with_suffix(".json"),
+                                config, **options)  # fmt: skip
     load = os.getloadavg()[0]  # other work on the machine (plus our previous run, decaying)
-    peak = run_process(argv, run_dir.with_suffix(".log"), child_env(settings))
+    started = time.perf_counter()
+    cpu: list[float] = []
+    peak = run_process(argv, run_dir.with_suffix(".log"), env, cpu)
+    wall = time.perf_counter() - started
     if side == "posttrain":
         result = posttrain_side.read_result(run_dir)
+        if case.name == "grpo":  # generated tokens = mean completion length x rows
+            rows = case.batch * case.generations
+            result["step_tokens"] = [round(c * rows) for c in result["completion_length"]]
     else:
         result = json.loads(run_dir.with_suffix(".json").read_text())
     if len(result["step_times"]) != total:
-        raise RuntimeError(f"{side} {case.name}: {len(result['step_times'])} steps, not {total}")
-    result.update(peak_rss_mb=peak, config=config, argv=argv, load=load)
+        raise RuntimeError(f"{side} {record}: {len(result['step_times'])} steps, not {total}")
+    if positions.is_file():
+        result["positions"] = json.loads(positions.read_text())
+    result.update(peak_rss_mb=peak, config=config, argv=argv, load=load, wall_s=wall, cpu_s=cpu[0])
     return result
 
 
@@ -192,31 +284,45 @@ def reported(case: Case, value: float) -> float:
     return 1.0 / value if case.metric == "seconds_per_step" else value
 
 
-def achieved_flops(case: Case, result: dict, warmup: int, fx: dict) -> float | None:
-    if case.name == "grpo":  # generation dominates; 6·N·tokens does not describe the step
+def effective_tokens_per_s(case: Case, result: dict, warmup: int) -> float:
+    """Nominal throughput: the non-pad tokens each side trained (SFT/DPO/RM) or generated
+    (GRPO) per second of the timed steps."""
+    return sum(result["step_tokens"][warmup:]) / sum(result["step_times"][warmup:])
+
+
+def hw_flops_per_s(case: Case, result: dict, warmup: int, fx: dict) -> float | None:
+    """Hardware FLOP/s: the token positions the model really computed (padding included, a
+    shared prompt once), from bench/positions.py, spread evenly over the run's steps. None
+    for GRPO (generation dominates; see mfu.py) or when the counter did not report."""
+    counted = result.get("positions")
+    if case.name == "grpo" or not counted:
         return None
-    lengths = fx["lengths"]["sft" if case.name == "sft" else "preference"]
-    tokens = sum(result["step_tokens"][warmup:])
-    flops = mfu.step_flops(case.name, fx["model"], tokens, lengths["mean"], lengths["mean_sq"])
-    return flops / sum(result["step_times"][warmup:])
+    steps = result["step_times"]
+    flops = mfu.hw_flops(case.name, fx[case.model], counted) * (len(steps) - warmup) / len(steps)
+    return flops / sum(steps[warmup:])
 
 
-def select_config(case: Case, fx: dict, settings: Settings, say) -> tuple[dict, dict, list]:
-    """Each side's fastest candidate, from one short probe run per candidate (sides alternate)."""
-    if settings.select == "fixed":
+def select_config(
+    name: str, case: Case, fx: dict, settings: Settings, say
+) -> tuple[dict, dict, list]:
+    """Each side's fastest candidate, from one short probe run per candidate; the sides take
+    turns (posttrain's candidate i, TRL's candidate i, ...), so a busy spell hits both."""
+    if not settings.probes(name):
         return case.posttrain_configs[0], case.trl_configs[0], []
     probes = []
     sides = {"posttrain": case.posttrain_configs, "trl": case.trl_configs}
+    steps = case_steps(case, settings, probe=True)
+    warmup = case_warmup(case, settings)
     for i in range(max(len(c) for c in sides.values())):
-        for side, configs in sides.items():
+        order = sides.items() if i % 2 == 0 else reversed(list(sides.items()))
+        for side, configs in order:
             if i < len(configs) and len(configs) > 1:
-                r = run_side(
-                    side, case, configs[i], settings.probe_steps, fx, settings, f"probe{i}"
-                )
-                probes.append(
-                    {"side": side, "config": configs[i], "rate": rate(case, r, settings.warmup)}
-                )
-                say(f"  probe {side:9} {_fmt_config(configs[i]):40} {probes[-1]['rate']:10.1f}")
+                r = run_side(side, case, configs[i], steps, fx, settings, f"probe{i}")
+                probes.append({"side": side, "config": configs[i], "rate": rate(case, r, warmup),
+                               "effective": r.get("effective"),
+                               "rss_mib": r["peak_rss_mb"]})  # fmt: skip
+                say(f"  probe {side:9} {_fmt_config(configs[i]):50} "
+                    f"{reported(case, probes[-1]['rate']):10.2f}")  # fmt: skip
     best = {}
     for side, configs in sides.items():
         mine = [p for p in probes if p["side"] == side]
@@ -224,55 +330,85 @@ def select_config(case: Case, fx: dict, settings: Settings, say) -> tuple[dict, 
     return best["posttrain"], best["trl"], probes
 
 
-def run_case(case: Case, settings: Settings, peaks: dict, say=print) -> dict:
-    """Select, then alternate the two sides `pairs` times; returns the case's record."""
+def run_case(name: str, settings: Settings, peaks: dict, say=print) -> dict:
+    """Select, then run the two sides in ABBA order `pairs` times; returns the case's record."""
+    case = CASES[name]
     started = time.perf_counter()
     fx = make_fixtures(settings.preset)
-    say(f"[{case.name}_{settings.suffix}] selecting configurations ({settings.select})")
-    pt_config, trl_config, probes = select_config(case, fx, settings, say)
+    record = case.record_name(settings.suffix)
+    select = "probe" if settings.probes(name) else "fixed"
+    say(f"[{record}] ({case.workload}) selecting configurations ({select})")
+    pt_config, trl_config, probes = select_config(name, case, fx, settings, say)
+    config = {"posttrain": pt_config, "trl": trl_config}
     runs = {"posttrain": [], "trl": []}
-    for pair in range(settings.pairs):
-        for side, config in (("posttrain", pt_config), ("trl", trl_config)):
+    warmup, steps = case_warmup(case, settings), case_steps(case, settings)
+    for pair, order in enumerate(abba_order(settings.pairs)):
+        for side in order:
             runs[side].append(
-                run_side(side, case, config, settings.steps, fx, settings, f"pair{pair}")
+                run_side(side, case, config[side], steps, fx, settings, f"pair{pair}")
             )
-        pt, trl = (rate(case, runs[s][-1], settings.warmup) for s in ("posttrain", "trl"))
-        pt_shown, trl_shown = reported(case, pt), reported(case, trl)
-        say(
-            f"  pair {pair}: posttrain {pt_shown:10.2f}  trl {trl_shown:10.2f}  ratio {pt / trl:5.2f}"
-        )
-
+        pt, trl = (rate(case, runs[s][-1], warmup) for s in ("posttrain", "trl"))
+        say(f"  pair {pair} ({order[0][0]}{order[1][0]}): posttrain {reported(case, pt):10.2f}  "
+            f"trl {reported(case, trl):10.2f}  ratio {pt / trl:5.2f}")  # fmt: skip
     return summarise(case, settings, fx, peaks, runs, probes, time.perf_counter() - started)
 
 
 def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
-    """The case's record: medians per side, pair-by-pair ratio, peak RSS, MFU, settings."""
-    w, peer = settings.warmup, {"posttrain": "posttrain", "trl": "peer"}
+    """The case's record: the schema fields first (case, metric, posttrain, peer, ratio, pairs,
+    hw_mfu_*, rss_*_mib, peer_settings), then the detail."""
+    w, peer = case_warmup(case, settings), {"posttrain": "posttrain", "trl": "peer"}
 
     def med(fn) -> dict:
         return {peer[s]: statistics.median(fn(r) for r in runs[s]) for s in runs}
 
     pt_config, trl_config = runs["posttrain"][0]["config"], runs["trl"][0]["config"]
+    effective = runs["trl"][0].get("effective") or {}
     dtype = {"posttrain": "bf16" if pt_config.get("train.mixed_precision") == "bf16" else "fp32",
-             "peer": "bf16" if trl_config.get("bf16") else "fp32"}  # fmt: skip
+             "peer": effective.get("precision") or ("bf16" if trl_config.get("bf16") else "fp32")}  # fmt: skip
     rates = {side: reported(case, v) for side, v in med(lambda r: rate(case, r, w)).items()}
     rss = med(lambda r: r["peak_rss_mb"])
-    flops = med(lambda r: achieved_flops(case, r, w, fx)) if case.name != "grpo" else {}
-    ratios = [rate(case, a, w) / rate(case, b, w)
-              for a, b in zip(runs["posttrain"], runs["trl"], strict=True)]  # fmt: skip
-    common = {"preset": settings.preset, "batch": case.batch, "max_length": MAX_LENGTH,
+    ratio, ratios = median_ratio([rate(case, r, w) for r in runs["posttrain"]],
+                                 [rate(case, r, w) for r in runs["trl"]])  # fmt: skip
+    hw = {}
+    if case.name != "grpo":
+        flops = med(lambda r: hw_flops_per_s(case, r, w, fx) or 0.0)
+        hw = {s: flops[s] / peaks["bf16"] if flops[s] else None for s in flops}
+    tokens = med(lambda r: statistics.mean(r["step_tokens"][w:]))
+    token_diff = None
+    if case.name == "grpo":
+        token_diff = generated_tokens_check(
+            [t for r in runs["posttrain"] for t in r["step_tokens"][w:]],
+            [t for r in runs["trl"] for t in r["step_tokens"][w:]], GRPO_TOKEN_TOLERANCE)  # fmt: skip
+    common = {"workload": case.workload, "preset": settings.preset, "batch": case.batch,
+              "max_length": case.max_length, "model": Path(fx[case.model]).parent.name,
+              "vocab_size": mfu.vocab_size(fx[case.model]),
               "unit": {"sft": "sequences", "grpo": "prompts"}.get(case.name, "pairs"), "lr": case.lr,
-              "scheduler": "constant", "grad_accum": 1, "warmup_steps_untimed": w,
-              "timed_steps": settings.steps, "pairs": settings.pairs, "threads": settings.threads,
+              "scheduler": "constant", "warmup_steps_untimed": w, "timed_steps": case_steps(case, settings),
+              "pairs": settings.pairs, "order": "ABBA", "threads": settings.threads,
               "device": settings.device, "data": Path(fx[case.data]).name,
+              "select": "probe" if probes else "fixed (first candidate of each side)",
               "lengths": fx["lengths"][case.data.removesuffix("_data")]}  # fmt: skip
+    if case.name == "grpo":
+        common.update(generations=case.generations, new_tokens=case.new_tokens, beta=0.0,
+                      prompts="identical: TRL in file order, posttrain a copy permuted so its "
+                      "sampler yields file order (posttrain_runner.in_sampler_order)")  # fmt: skip
+    peer_settings = {"name": "trl", "version": runs["trl"][0].get("trl_version"),
+                     "config": trl_config, "effective": effective,
+                     "command": " ".join(runs["trl"][0]["argv"][1:])}  # fmt: skip
     return {
-        "case": f"{case.name}_{settings.suffix}", "metric": case.metric,
-        "posttrain": rates["posttrain"], "peer": rates["peer"], "ratio": statistics.median(ratios),
-        "pair_ratios": ratios, "target": case.target,
-        "peak_rss_mb": {**rss, "ratio": rss["peer"] / rss["posttrain"]},
-        "mfu": {s: flops[s] / peaks[dtype[s]] for s in flops}, "achieved_flops": flops,
-        "tokens_per_step": med(lambda r: statistics.mean(r["step_tokens"][w:])),
+        "case": case.record_name(settings.suffix), "metric": case.metric,
+        "posttrain": rates["posttrain"], "peer": rates["peer"], "ratio": ratio,
+        "pairs": settings.pairs,
+        "hw_mfu_posttrain": hw.get("posttrain"), "hw_mfu_peer": hw.get("peer"),
+        "rss_posttrain_mib": rss["posttrain"], "rss_peer_mib": rss["peer"],
+        "peer_settings": peer_settings,
+        "workload": case.workload, "pair_ratios": ratios, "target": case.target,
+        "rss_target": case.rss_target, "rss_ratio": rss["peer"] / rss["posttrain"],
+        "hw_mfu_basis": "% of measured bf16 matmul peak (mfu.measure_peak: best of 5 "
+                        f"{mfu.PEAK_SIZE}x{mfu.PEAK_SIZE} bf16 torch.matmul, {settings.threads} threads)",
+        "effective_tokens_per_s": med(lambda r: effective_tokens_per_s(case, r, w)),
+        "tokens_per_step": tokens, "generated_tokens_diff": token_diff,
+        "positions": {peer[s]: runs[s][0].get("positions") for s in runs},
         # Same batches on both sides: the same non-pad tokens per step and the same first loss
         # (GRPO trains on each side's own samples, so only the settings are the same there).
         "same_step_tokens": case.name != "grpo" and all(
@@ -285,21 +421,21 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
             "common": common,
             "posttrain": {"config": pt_config, "dtype": dtype["posttrain"],
                           "command": " ".join(runs["posttrain"][0]["argv"][1:])},
-            "peer": {"name": "trl", "version": runs["trl"][0].get("trl_version"),
-                     "config": trl_config, "dtype": dtype["peer"], "gradient_checkpointing": False,
-                     "command": " ".join(runs["trl"][0]["argv"][1:])},
+            "peer": {**peer_settings, "dtype": dtype["peer"]},
             "probes": probes, "matmul_peak_flops": peaks,
         },
+        "run_seconds": {peer[s]: [r["wall_s"] for r in runs[s]] for s in runs},
+        "run_cpu_seconds": {peer[s]: [r["cpu_s"] for r in runs[s]] for s in runs},
         "seconds": seconds,
     }  # fmt: skip
 
 
-def run_rollout(settings: Settings, say=print) -> None:
+def run_rollout(settings: Settings, say=print) -> list[str]:
     """bench/rollout_bench.py (another helper's script), when present: it appends its record."""
     script = BENCH / "rollout_bench.py"
     if not script.is_file():
         say("rollout: bench/rollout_bench.py not present, skipped")
-        return
+        return []
     argv = [
         sys.executable,
         str(script),
@@ -314,13 +450,16 @@ def run_rollout(settings: Settings, say=print) -> None:
         "--record",
     ]
     run_process(argv, WORK / "runs" / f"rollout_{settings.suffix}.log", child_env(settings))
+    return [f"rollout_{settings.suffix}"]
 
 
-def run_speculative(settings: Settings, say=print) -> None:
-    """bench/speculative_bench.py: MTP self-speculative vs plain greedy rollouts (own record)."""
+def run_speculative(settings: Settings, say=print) -> list[str]:
+    """bench/speculative_bench.py: MTP self-speculative vs plain greedy rollouts at batch 1, 16,
+    64, and `speculative: auto` at batch 64 (own records)."""
     argv = [sys.executable, str(BENCH / "speculative_bench.py"), "--pairs", str(settings.pairs)]
     argv += ["--threads", str(settings.threads), "--device", settings.device, "--record"]
     run_process(argv, WORK / "runs" / "rollout_speculative.log", child_env(settings))
+    return [f"rollout_speculative_b{b}" for b in (1, 16, 64)] + ["rollout_speculative_auto_b64"]
 
 
 EXTERNAL = {"rollout": run_rollout, "speculative": run_speculative}

@@ -10,6 +10,13 @@ sequence's length, so Σn² ≈ tokens · E[n²]/E[n] over the fixture rows. Pad
 it is work done, not work needed. DPO adds the frozen reference forward: 2·N per token plus a
 third of the attention.
 
+Hardware MFU (`hw_flops`, the `hw_mfu_*` fields of a record) counts instead the token positions
+each side's model really computed, padding included and a shared prompt once, as
+bench/positions.py logs them per forward: 6·N per position under autograd, 2·N for forwards
+without (DPO's reference), and the attention term over each row's real width. It divides by the
+bf16 peak for both sides, so it reads "% of measured bf16 matmul peak", whatever the dtype a
+side picked.
+
 The peak is measured here, not taken from a data sheet: the best of a few large square
 torch.matmul calls in fp32 and in bf16, with the benchmark's thread count. On CPUs with AMX
 the bf16 peak is several times the fp32 one, so each side's MFU divides by the peak of the dtype
@@ -22,9 +29,11 @@ import json
 import time
 from pathlib import Path
 
+PEAK_SIZE = 2048
+
 
 def measure_peak(
-    dtype: str, threads: int = 2, size: int = 2048, repeats: int = 5, device: str = "cpu"
+    dtype: str, threads: int = 2, size: int = PEAK_SIZE, repeats: int = 5, device: str = "cpu"
 ) -> float:
     """Best observed FLOP/s of a (size x size) @ (size x size) matmul in `dtype`."""
     import torch
@@ -67,6 +76,18 @@ def step_flops(
     if case == "dpo":  # the reference model's forward pass
         flops += 2 * n * tokens + 2 * layers * width * sum_sq
     return flops
+
+
+def vocab_size(model_dir: Path) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+
+
+def hw_flops(case: str, model_dir: Path, counted: dict) -> float:
+    """FLOPs of the forwards bench/positions.py counted: {train,nograd}_{positions,sum_sq}."""
+    n, layers, width = matmul_params(model_dir, lm_head=case != "rm")
+    train = 6 * n * counted["train_positions"] + 6 * layers * width * counted["train_sum_sq"]
+    nograd = 2 * n * counted["nograd_positions"] + 2 * layers * width * counted["nograd_sum_sq"]
+    return float(train + nograd)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """One posttrain training run for the benchmark: the real CLI in its own process.
 
-    python -m posttrain sft|dpo|rm|grpo bench/work/recipes/CASE.yaml key=value ...
+    python -m bench.positions posttrain sft|dpo|rm|grpo bench/work/recipes/CASE.yaml key=value
+
+(`bench.positions` only adds a hook that counts the token positions the model computes, for the
+hardware MFU, then runs `python -m posttrain` unchanged.)
 
 The harness writes a recipe per case (below), overrides the side's configuration
 (`data.packing`, `train.mixed_precision`) on the command line, and reads the per-step
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-# GRPO case: samples per prompt and new tokens per sample (bench/trl_runner.py uses the same).
+# GRPO case defaults: samples per prompt and new tokens per sample (a Case may set others;
+# bench/trl_runner.py gets the same numbers).
 GRPO_GENERATIONS = 8
 GRPO_NEW_TOKENS = 32
 
@@ -36,6 +40,8 @@ def write_recipe(
     max_length: int,
     threads: int,
     seed: int = 0,
+    generations: int = GRPO_GENERATIONS,
+    new_tokens: int = GRPO_NEW_TOKENS,
 ) -> Path:
     """The recipe both sides' settings are read from; output_dir and steps come per run."""
     recipe = {
@@ -70,25 +76,46 @@ def write_recipe(
         # completion in one micro-batch, as TRL's per_device_train_batch_size does.
         recipe["grpo"] = {
             "loss_type": "grpo",
-            "num_generations": GRPO_GENERATIONS,
+            "num_generations": generations,
             "prompts_per_step": batch,
-            "max_new_tokens": GRPO_NEW_TOKENS,
+            "max_new_tokens": new_tokens,
             "temperature": 1.0,
             "beta": 0.0,
             "num_iterations": 1,
             "rewards": [{"name": "digit_overlap", "weight": 1.0}],
         }
-        recipe["train"]["batch_size"] = batch * GRPO_GENERATIONS
+        recipe["train"]["batch_size"] = batch * generations
+        recipe["data"]["max_length"] = max_length + new_tokens  # prompt + completion
+        recipe["data"]["train_path"] = str(in_sampler_order(data, seed, path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
+def in_sampler_order(data: Path, seed: int, out_dir: Path) -> Path:
+    """A copy of `data` permuted so that posttrain's StepSampler (seed `seed`) draws the rows in
+    file order: row i of the original sits where the sampler's permutation puts position i. TRL
+    reads the original without shuffling, so both sides train on the same prompts per step."""
+    from posttrain.algorithms.base import StepSampler
+
+    rows = [line for line in Path(data).read_text().splitlines() if line.strip()]
+    order = StepSampler(len(rows), seed).global_batch(0, len(rows))  # epoch 0's permutation
+    permuted = [""] * len(rows)
+    for position, index in enumerate(order):
+        permuted[index] = rows[position]
+    out = out_dir / f"{Path(data).stem}.sampler_order.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(r + "\n" for r in permuted))
+    return out
+
+
 def command(case: str, recipe: Path, output_dir: Path, steps: int, config: dict) -> list[str]:
-    """argv for one run; `config` holds dotted overrides such as {'data.packing': True}."""
+    """argv for one run; `config` holds dotted overrides such as {'data.packing': True}, and
+    `micro_batch` (the rest of the step's examples come from train.grad_accum)."""
     overrides = [f"train.output_dir={output_dir}", f"train.max_steps={steps}"]
     overrides += [f"{key}={json.dumps(value)}" for key, value in config.items()]
-    return [sys.executable, "-m", "posttrain", COMMANDS[case], str(recipe), *overrides]
+    return [sys.executable, "-m", "bench.positions", "posttrain", COMMANDS[case], str(recipe),
+            *overrides]  # fmt: skip
 
 
 def read_result(output_dir: Path) -> dict:
@@ -100,5 +127,7 @@ def read_result(output_dir: Path) -> dict:
         "side": "posttrain",
         "step_times": [r["step_time"] for r in rows],
         "step_tokens": [int(r["tokens"]) for r in rows],
+        # GRPO: the mean completion length of the step's rollout (times the rows: generated tokens)
+        "completion_length": [r.get("completion_length") for r in rows],
         "losses": [r["loss"] for r in rows],
     }

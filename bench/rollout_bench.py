@@ -13,13 +13,13 @@ prompts of mixed length (arithmetic questions after a free-text preamble of rand
 Tokens are counted the same way on both sides: per row, the tokens up to and including the
 first EOS, or max_new_tokens if there is none. Random-weight models rarely emit EOS, so the
 two sides generate nearly the same number of tokens; the table shows both counts.
-Runs alternate A B A B after one warm-up each, and the medians are compared.
+Runs alternate in ABBA order after one warm-up each; the ratio is the median of the per-pair
+ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--pairs", type=int, default=3, help="timed A/B pairs (>= 3)")
+    parser.add_argument("--pairs", type=int, default=5, help="timed ABBA pairs (>= 5)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,7 +119,8 @@ def main() -> None:
         side(args.seed)
     results: dict[str, list[tuple[int, float]]] = {name: [] for name in sides}
     for pair in range(args.pairs):
-        for name, side in sides.items():
+        order = list(sides.items())
+        for name, side in order if pair % 2 == 0 else order[::-1]:
             results[name].append(side(args.seed + 1 + pair))
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -136,11 +137,11 @@ def main() -> None:
         seconds = statistics.median(s for _, s in runs)
         tokens = statistics.median(t for t, _ in runs)
         print(f"{name:<10} {rates[name]:>18.1f} {seconds:>17.3f} {tokens:>11.0f}")
-    ratio = rates["posttrain"] / rates["peer"]
     pair_ratios = [
         (t_a / s_a) / (t_b / s_b)
         for (t_a, s_a), (t_b, s_b) in zip(results["posttrain"], results["peer"], strict=True)
     ]
+    ratio = statistics.median(pair_ratios)
     print(
         f"ratio posttrain / peer: {ratio:.2f}x (per pair: {', '.join(f'{r:.2f}' for r in pair_ratios)})"
     )
@@ -152,6 +153,16 @@ def main() -> None:
             "posttrain": rates["posttrain"],
             "peer": rates["peer"],
             "ratio": ratio,
+            "pairs": args.pairs,
+            "hw_mfu_posttrain": None,
+            "hw_mfu_peer": None,
+            "rss_posttrain_mib": None,  # one process holds both sides
+            "rss_peer_mib": None,
+            "peer_settings": {
+                "name": "transformers",
+                "call": "model.generate(do_sample=True, num_return_sequences=n)",
+            },
+            "workload": "rollout",
             "pair_ratios": pair_ratios,
             "tokens_per_run": {
                 name: statistics.median(t for t, _ in runs) for name, runs in results.items()
@@ -167,11 +178,13 @@ def main() -> None:
                 "peer_call": "model.generate(do_sample=True, num_return_sequences=n, temperature=1, top_k=0, top_p=1)",
             },
         }
-        out = Path(__file__).resolve().parent / "results" / "latest.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"recorded to {out}")
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.report import LATEST, save_records
+
+        save_records([record])  # replaces an earlier record of the same case
+        print(f"recorded to {LATEST}")
 
 
 if __name__ == "__main__":

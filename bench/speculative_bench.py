@@ -13,6 +13,11 @@
    one warm-up each, `--repeats` times; median generated tokens/s. Outputs must be identical
    token for token (asserted). Records `rollout_speculative_b{1,16,64}` (ratio = spec / plain)
    with the acceptance rates per depth.
+3. `speculative="auto"` at batch 64 against plain decoding (`rollout_speculative_auto_b64`,
+   target >= 0.98x): the engine's default break-even (speculative.DEFAULT_BREAK_EVEN_ROWS)
+   decides, not this run's numbers; the record also gives the break-even this run's own
+   ratios imply (the smallest measured batch where speculation was slower).
+   Pairs alternate in ABBA order (plain first in even pairs).
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--b1-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=None, help="alias of --repeats (harness)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,15 +144,18 @@ def main() -> None:
     engine = RolloutEngine(model, tokenizer, mtp_heads=load_heads(model, final).eval())
     plain = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     spec = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, speculative="mtp")
+    auto = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, speculative="auto")
 
     records = []
-    for batch in [int(b) for b in args.batches.split(",")]:
+    batches = [(int(b), spec) for b in args.batches.split(",")] + [(64, auto)]
+    for batch, params_b in batches:
         prompts, answers = held_out(args.b1_prompts if batch == 1 else batch, seed=batch)
         timed(engine, prompts, plain, batch)  # warm-up
-        timed(engine, prompts, spec, batch)
+        timed(engine, prompts, params_b, batch)
         runs = {"plain": [], "spec": []}
-        for _ in range(repeats):
-            for name, params in (("plain", plain), ("spec", spec)):
+        for pair in range(repeats):
+            order = [("plain", plain), ("spec", params_b)]
+            for name, params in order if pair % 2 == 0 else order[::-1]:  # ABBA
                 ids, tokens, seconds, stats = timed(engine, prompts, params, batch)
                 runs[name].append((ids, tokens, seconds, stats))
         for (ids_p, *_), (ids_s, *_) in zip(runs["plain"], runs["spec"], strict=True):
@@ -157,30 +165,41 @@ def main() -> None:
         accept = {
             key: statistics.mean(s[key] for s in stats)
             for key in stats[0]
-            if key.startswith("accept_rate") or key == "tokens_per_forward"
+            if key.startswith("accept_rate") or key in ("tokens_per_forward", "speculative_chunks")
         }
         texts = tokenizer.batch_decode(runs["plain"][0][0], skip_special_tokens=True)
         correct = sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
-        ratio = rate["spec"] / rate["plain"]
         pair_ratios = [
             (ts / ss) / (tp / sp)
             for (_, tp, sp, _), (_, ts, ss, _) in zip(runs["plain"], runs["spec"], strict=True)
         ]
+        ratio = statistics.median(pair_ratios)  # the median of the per-pair ratios
         print(
             f"batch {batch:>3}: plain {rate['plain']:8.1f} tok/s  spec {rate['spec']:8.1f} tok/s"
             f"  ratio {ratio:.2f}x  (pairs {', '.join(f'{r:.2f}' for r in pair_ratios)})  "
             + "  ".join(f"{k} {v:.2f}" for k, v in accept.items())
             + f"  correct {correct}/{len(prompts)}"
         )
+        name = f"rollout_speculative_{'auto_' if params_b is auto else ''}b{batch}"
         records.append(
             {
-                "case": f"rollout_speculative_b{batch}",
+                "case": name,
                 "metric": "generated_tokens_per_s",
                 "posttrain": rate["spec"],
                 "peer": rate["plain"],
                 "ratio": ratio,
+                "pairs": repeats,
+                "hw_mfu_posttrain": None,
+                "hw_mfu_peer": None,
+                "rss_posttrain_mib": None,  # one process holds both sides
+                "rss_peer_mib": None,
+                "peer_settings": {
+                    "name": "plain decoding",
+                    "call": "the same RolloutEngine, SamplingParams(speculative='none')",
+                },
+                "workload": "rollout",
                 "pair_ratios": pair_ratios,
-                "target": 1.5 if batch == 1 else None,
+                "target": 1.5 if batch == 1 else 0.98 if params_b is auto else None,
                 **accept,
                 "identical_outputs": True,
                 "settings": {
@@ -195,9 +214,14 @@ def main() -> None:
                     "device": args.device,
                     "greedy_correct": correct,
                     "peer_call": "the same RolloutEngine, SamplingParams(speculative='none')",
+                    "speculative": params_b.speculative,
+                    "break_even_rows": engine.speculative_break_even,
                 },
             }
         )
+    measured = [r for r in records if "auto" not in r["case"]]
+    slower = [r["settings"]["batch"] for r in measured if r["ratio"] < 1.0]
+    records[-1]["settings"]["break_even_measured"] = min(slower) if slower else None
     if args.record:
         sys.path.insert(0, str(REPO))
         from bench.report import save_records

@@ -47,7 +47,11 @@ from posttrain.rollout.cache import preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep
 from posttrain.rollout.prefix_shared import SharedPrompt, supports_shared_prompt
 from posttrain.rollout.sampling import draw_uniforms, sample_next
-from posttrain.rollout.speculative import SpeculativeDecoder
+from posttrain.rollout.speculative import (
+    DEFAULT_BREAK_EVEN_ROWS,
+    SpeculativeDecoder,
+    use_speculation,
+)
 from posttrain.rollout.stopping import StopChecker, cut_at_stop
 from posttrain.rollout.types import RolloutBatch, SamplingParams
 from posttrain.utils import as_token_list, eos_ids, left_pad, position_ids_from_mask
@@ -65,10 +69,19 @@ class RolloutEngine:
 
     mtp_heads: the model's `MTPHeads` (posttrain.models.mtp.load_heads), needed for
     `SamplingParams(speculative="mtp")` (rollout/speculative.py).
+    speculative_break_even: with `speculative="auto"`, chunks of at least this many rows
+    (prompts x n) decode plainly (speculative.DEFAULT_BREAK_EVEN_ROWS, or a value from
+    speculative.calibrate_break_even).
     """
 
     def __init__(
-        self, model, tokenizer, max_batch_prompts: int = 64, mtp_heads=None, share_prompt=True
+        self,
+        model,
+        tokenizer,
+        max_batch_prompts: int = 64,
+        mtp_heads=None,
+        share_prompt=True,
+        speculative_break_even: int = DEFAULT_BREAK_EVEN_ROWS,
     ):
         if isinstance(model, DistributedDataParallel):
             raise TypeError(
@@ -88,6 +101,8 @@ class RolloutEngine:
         if self.pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token")
         self.last_stats: dict[str, float] = {}
+        self.speculative_break_even = speculative_break_even
+        self._noticed: set[str] = set()  # "auto" step-aside reasons already printed
 
     # ---- prompts -------------------------------------------------------------------------
 
@@ -133,12 +148,11 @@ class RolloutEngine:
                 len(prompts), params.n, params.max_new_tokens, params.seed, prompt_seeds, device
             )
         self._forwards = 0
-        generate_chunk, speculative = self._generate_chunk, None
-        if params.speculative == "mtp":
+        speculative, speculated = None, 0
+        if params.speculative != "none" and self.mtp_heads is not None:
             speculative = SpeculativeDecoder(
                 self.model, self.tokenizer, self.mtp_heads, self.pad_id
             )
-            generate_chunk = speculative.generate_chunk
         self._head_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
         started = time.perf_counter()
         was_training = self.model.training
@@ -154,9 +168,20 @@ class RolloutEngine:
                     stop = start + self.max_batch_prompts
                     rows = slice(start * params.n, stop * params.n)
                     chunk_uniforms = None if uniforms is None else uniforms[rows]
-                    chunks.append(
-                        generate_chunk(encoded[start:stop], params, chunk_uniforms, device)
+                    prompts_here = encoded[start:stop]
+                    generate_chunk = self._generate_chunk
+                    speculate, reason = use_speculation(
+                        params.speculative,
+                        len(prompts_here) * params.n,
+                        self.speculative_break_even,
+                        speculative is not None,
                     )
+                    if speculate:
+                        generate_chunk, speculated = speculative.generate_chunk, speculated + 1
+                    elif reason and reason not in self._noticed:
+                        self._noticed.add(reason)
+                        print(f"note: speculative=auto decodes plainly: {reason}", flush=True)
+                    chunks.append(generate_chunk(prompts_here, params, chunk_uniforms, device))
         finally:
             self.model.train(was_training)
         # Assembled outside inference mode, so trainers can use these tensors with autograd.
@@ -173,7 +198,8 @@ class RolloutEngine:
             "seconds": seconds,
             "tokens_per_s": generated / max(seconds, 1e-9),
         }
-        if speculative is not None:
+        self.last_stats["speculative_chunks"] = speculated
+        if speculated:
             rates = speculative.stats.accept_rates()
             self.last_stats.update({f"accept_rate_{k + 1}": r for k, r in enumerate(rates)})
             # a row gains 1 + (accepted drafts) tokens per verify forward

@@ -21,6 +21,14 @@ cache follows the same slots. Deviation: module k >= 2 computes its entry at the
 from drafted tokens; if those are rejected later, that entry stays stale. It only lowers the
 acceptance of later drafts, never changes an output token.
 
+`speculative="auto"` (`use_speculation`): a verify forward costs about (K+1) decode forwards of
+compute, so speculation wins while decoding is bound by per-forward overhead and weight reads
+(few rows) and loses once the forward is compute-bound (many rows). Below a break-even number
+of rows per chunk (`DEFAULT_BREAK_EVEN_ROWS`, or the engine's `speculative_break_even`, e.g.
+from `calibrate_break_even` on the machine at hand) the engine speculates; at or above it, or
+without MTP heads, it decodes plainly after a one-line notice. Both paths emit the same greedy
+tokens, so "auto" only ever changes the speed.
+
 Randomness: one generator per chunk, seeded from the engine's pre-drawn uniforms, so a seeded
 run is reproducible, but a prompt's samples depend on the prompts sharing its chunk. Log-probs
 are the main model's log softmax(logits / T) at each emitted token, as without speculation.
@@ -41,6 +49,49 @@ from posttrain.rollout.sampling import filter_logits
 from posttrain.rollout.stopping import StopChecker
 from posttrain.rollout.types import SamplingParams
 from posttrain.utils import eos_ids, left_pad, position_ids_from_mask
+
+# Rows (prompts x samples) of a chunk from which "auto" decodes plainly. Measured with
+# bench/speculative_bench.py (small preset, MTP depth 3, 2 CPU threads, greedy, 48 new tokens):
+# speculative / plain = 2.02x at 1 row, 1.26x at 16, 0.98x at 64; 32 keeps a margin below the
+# crossing. Another machine or model moves it: pass `speculative_break_even` to the engine.
+DEFAULT_BREAK_EVEN_ROWS = 32
+
+
+def use_speculation(mode: str, rows: int, break_even: int, has_heads: bool) -> tuple[bool, str]:
+    """Whether a chunk of `rows` decoding rows speculates, and why not when it does not.
+    mode: "none" | "mtp" | "auto"; "mtp" always speculates (the engine checks the heads)."""
+    if mode == "none":
+        return False, ""
+    if mode == "mtp":
+        return True, ""
+    if not has_heads:
+        return False, "no MTP heads were given to the engine"
+    if rows >= break_even:
+        return False, f"{rows} rows per chunk >= the break-even of {break_even}"
+    return True, ""
+
+
+def calibrate_break_even(
+    engine, prompts: list, max_new_tokens: int = 32, batches=(1, 4, 16, 64)
+) -> int:
+    """The smallest batch (rows) in `batches` at which greedy speculation is not faster than
+    plain decoding on this machine (one timed call each, after a warm-up), or twice the largest
+    batch when it always wins. `prompts` must hold at least max(batches) prompts."""
+    import time
+
+    def seconds(params, chunk) -> float:
+        started = time.perf_counter()
+        engine.generate(chunk, params)
+        return time.perf_counter() - started
+
+    plain = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    spec = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, speculative="mtp")
+    seconds(plain, prompts[:1]), seconds(spec, prompts[:1])  # warm-up
+    for batch in batches:
+        chunk = prompts[:batch]
+        if seconds(spec, chunk) >= seconds(plain, chunk):
+            return batch
+    return 2 * max(batches)
 
 
 @dataclass

@@ -37,9 +37,11 @@ class SamplingParams:
     seed: int | None = None
     """Seed of the sampling random numbers; None draws one from torch's global RNG. Unused when
     `RolloutEngine.generate` gets per-prompt seeds."""
-    speculative: Literal["none", "mtp"] = "none"
+    speculative: Literal["none", "mtp", "auto"] = "none"
     """Self-speculative decoding with the engine's MTP heads: the same tokens when greedy, the
-    same distribution when sampling, fewer forwards of the main model (rollout/speculative.py)."""
+    same distribution when sampling, fewer forwards of the main model (rollout/speculative.py).
+    "auto" speculates only on chunks with fewer rows than the engine's break-even, where it is
+    faster, and decodes plainly (one notice) above it or without heads."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -56,9 +58,9 @@ class SamplingParams:
             )
         if isinstance(self.stop, str):
             raise TypeError("SamplingParams.stop is a list of strings, not a string")
-        if self.speculative not in ("none", "mtp"):
+        if self.speculative not in ("none", "mtp", "auto"):
             raise ValueError(
-                f"SamplingParams.speculative must be none or mtp, got {self.speculative!r}"
+                f"SamplingParams.speculative must be none, mtp or auto, got {self.speculative!r}"
             )
         if any(not s for s in self.stop):
             raise ValueError("SamplingParams.stop must not contain empty strings")
