@@ -90,6 +90,7 @@ class MultiTurnDriver:
         self.pad_id = engine.pad_id
         self.eos = set(eos_ids(self.model, engine.tokenizer))
         self.forward_passes = 0
+        self.cut_off = 0  # episodes of the last generate() still going at max_turns
 
     def _forward(self, cache, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         """One cached forward; the last position's logits (A, V) in float32."""
@@ -128,6 +129,7 @@ class MultiTurnDriver:
                     self._run(rows, sessions, state, uniforms, device)
         finally:
             self.model.train(was_training)
+        self.cut_off = state.cut_off
         return self._assemble(sessions, state, device)
 
     def _prefill(self, sequences: list[list[int]], capacity: int, device):

@@ -152,7 +152,9 @@ class RolloutBatch:
             else torch.cat(
                 [
                     right(
-                        p.env_mask if p.env_mask is not None else torch.zeros_like(p.completion_mask),
+                        p.env_mask
+                        if p.env_mask is not None
+                        else torch.zeros_like(p.completion_mask),
                         0,
                     )
                     for p in parts
