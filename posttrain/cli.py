@@ -280,6 +280,22 @@ def data_arithmetic_cmd(
     typer.echo(json.dumps({"out_dir": str(out_dir), "files": counts}))
 
 
+@data_app.command("tools")
+def data_tools_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for the JSONL files.")],
+    n: Annotated[int, typer.Option(help="Training rows.")] = 4000,
+    n_test: Annotated[int, typer.Option(help="Held-out problems.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for the split and the rows.")] = 0,
+) -> None:
+    """Write the bundled tool-use task: 3-4 digit multiplication with a calculator tool
+    (tool-use SFT transcripts and RL prompts, train and held-out)."""
+    from posttrain.data.tools import make_tools
+
+    with user_errors_exit():  # e.g. OUT_DIR is an existing file
+        counts = make_tools(out_dir, n=n, n_test=n_test, seed=seed)
+    typer.echo(json.dumps({"out_dir": str(out_dir), "files": counts}))
+
+
 def _reward_option(text: str):
     """`--reward NAME` (a built-in or module:function) or a YAML mapping with name, weight and
     params: `--reward "{name: reward_model, params: {path: runs/rm-tiny/final}}"`."""

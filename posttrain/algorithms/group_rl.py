@@ -32,6 +32,7 @@ from posttrain.algorithms.rl_common import (
     SampleLog,
     build_scorer,
     chunked,
+    environment_runner,
     generate_and_score,
     greedy_accuracy,
     load_policy_and_prompts,
@@ -129,11 +130,15 @@ class GroupRL(Algorithm):
         cfg, g = self.cfg, self.settings
         self.validate(accelerator)
         self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg, self)
-        self.scorer = build_scorer(
-            self.reward_functions(),
-            g.failure_reward,
-            g.reward_timeout_s,
-            self.provided.reward_functions,
+        self.environment = environment_runner(g, self.section, self.tokenizer, model)
+        functions = self.reward_functions()
+        # with an environment, `rewards: []` leaves the environment's rewards alone
+        self.scorer = (
+            build_scorer(
+                functions, g.failure_reward, g.reward_timeout_s, self.provided.reward_functions
+            )
+            if functions or self.environment is None
+            else None
         )
         self.reference = self.load_reference(model, accelerator) if self.uses_kl() else None
         self.sampler = self.make_sampler()
@@ -202,6 +207,8 @@ class GroupRL(Algorithm):
             indices,
             params,
             max_prompt_tokens=self.cfg.data.max_length - g.max_new_tokens,
+            environment=self.environment,
+            max_turns=g.max_turns,
         )
 
     def make_rollout(self, step: int, accelerator: Accelerator, model) -> list:
@@ -222,7 +229,7 @@ class GroupRL(Algorithm):
             step, accelerator, model, rollout, rewards, seed
         )
         metrics.update(refill_metrics)
-        loss_mask = rollout.completion_mask.clone()
+        loss_mask = rollout.sampled_mask.clone()  # completion_mask unless an environment spoke
         if g.mask_truncated:
             loss_mask[rollout.truncated] = 0
         old = None
@@ -249,6 +256,9 @@ class GroupRL(Algorithm):
                     cfg.train.batch_size,
                     self.group_size,
                 )
+        if rollout.env_mask is not None:  # environment tokens: no log-prob, ratio or KL
+            old = None if old is None else old * loss_mask
+            ref = None if ref is None else ref * loss_mask
         policy_old = rollout.logprobs if old is None else old
         advantages = self.advantages(rewards, accelerator, loss_mask, policy_old, ref)
         metrics["rollout_seconds"] = time.perf_counter() - started
@@ -266,17 +276,22 @@ class GroupRL(Algorithm):
         )
 
     def policy_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, C) log π_θ of the batch's completions and the (N, C) entropy, with gradient."""
-        return sequence_logprobs(
+        """(N, C) log π_θ of the batch's completions and the (N, C) entropy, with gradient;
+        0 outside completion_mask (on a multi-turn batch's environment tokens too)."""
+        attended = batch.completion_mask if batch.attention_mask is None else batch.attention_mask
+        logprobs, entropy = sequence_logprobs(
             model,
             batch.prompt_ids,
             batch.prompt_mask,
             batch.completion_ids,
-            batch.completion_mask,
+            attended,
             self.settings.temperature,
             return_entropy=True,
             group_size=self.group_size,
         )
+        if batch.attention_mask is not None:
+            logprobs, entropy = logprobs * batch.completion_mask, entropy * batch.completion_mask
+        return logprobs, entropy
 
     # ---- loop interface ------------------------------------------------------------------
 
@@ -299,7 +314,8 @@ class GroupRL(Algorithm):
         limit = min(len(self.eval_data), self.cfg.data.max_eval_examples)
         policy = accelerator.unwrap_model(model)
         args = (self.eval_data, limit, self.settings.max_new_tokens, accelerator)
-        return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args)}
+        env = {"environment": self.environment, "max_turns": self.settings.max_turns}
+        return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args, **env)}
 
     def state_dict(self) -> dict:
         return {"rollouts_done": self.rollouts_done}

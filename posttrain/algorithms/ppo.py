@@ -67,6 +67,7 @@ from posttrain.algorithms.rl_common import (
     SampleLog,
     build_scorer,
     chunked,
+    environment_runner,
     generate_and_score,
     greedy_accuracy,
     load_policy_and_prompts,
@@ -157,8 +158,17 @@ class PPO(Algorithm):
         self._validate(accelerator)
         self.accelerator = accelerator
         self.tokenizer, model, self.data, self.eval_data = load_policy_and_prompts(cfg, self)
-        self.scorer = build_scorer(
-            list(p.rewards), p.failure_reward, p.reward_timeout_s, self.provided.reward_functions
+        self.environment = environment_runner(p, "ppo", self.tokenizer, model)
+        # with an environment, `rewards: []` leaves the environment's rewards alone
+        self.scorer = (
+            build_scorer(
+                list(p.rewards),
+                p.failure_reward,
+                p.reward_timeout_s,
+                self.provided.reward_functions,
+            )
+            if p.rewards or self.environment is None
+            else None
         )
         self.reference = None
         self.use_reference = p.kl_control == "adaptive" or p.init_kl_coef > 0
@@ -273,6 +283,8 @@ class PPO(Algorithm):
             indices,
             params,
             max_prompt_tokens=cfg.data.max_length - p.max_new_tokens,
+            environment=self.environment,
+            max_turns=p.max_turns,
         )
         prompts = [self.data.prompts[i] for i in indices for _ in range(n)]
         self.samples.record(step + 1, prompts, rollout, scored)
@@ -280,7 +292,7 @@ class PPO(Algorithm):
         if p.normalize_scores:
             self.moments.update(*global_moments(scores, None, accelerator))
             scores = (scores - self.moments.mean) / max(self.moments.std, 1e-8)
-        mask = rollout.completion_mask  # (N, C)
+        mask = rollout.sampled_mask  # (N, C) completion_mask unless an environment spoke
         chunk = cfg.train.batch_size
         with torch.no_grad(), accelerator.autocast():
             old = rollout.logprobs  # (N, C)
@@ -293,6 +305,8 @@ class PPO(Algorithm):
             ref = old  # no reference: KL 0
             if self.use_reference:
                 ref = reference_logprobs(self.reference, model, rollout, p.temperature, chunk)
+        if rollout.env_mask is not None:  # environment tokens: no log-prob, ratio or KL
+            old, ref = old * mask, ref * mask
         beta = self.kl_ctl.value
         advantages, returns, shaped = estimate_advantages(
             scores, old, ref, values, mask, beta, p, accelerator
@@ -329,7 +343,8 @@ class PPO(Algorithm):
         return micro
 
     def num_units(self, batch) -> int:
-        return int(batch.completion_mask.sum())
+        mask = batch.completion_mask if batch.loss_mask is None else batch.loss_mask
+        return int(mask.sum())
 
     def compute_loss(self, model, batch) -> LossOutput:
         p = self.cfg.ppo
@@ -338,6 +353,9 @@ class PPO(Algorithm):
         # The loop syncs the critic's gradients on the step's last micro-batch only, as the policy's.
         values = critic_values(self.critic, *rows)  # (N, C), like logprobs and entropy
         mask = batch.completion_mask.bool()
+        if batch.loss_mask is not None:  # multi-turn: the environment's tokens carry no loss
+            mask = batch.loss_mask.bool()
+            logprobs, entropy = logprobs * mask, entropy * mask
         policy = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, p.clip_range)
         value = ppo_value_loss(values, batch.old_values, batch.returns, mask, p.clip_range_value)
         if p.entropy_coef == 0:
@@ -380,7 +398,8 @@ class PPO(Algorithm):
         policy = accelerator.unwrap_model(model)
         limit = min(len(self.eval_data), self.cfg.data.max_eval_examples)
         args = (self.eval_data, limit, self.cfg.ppo.max_new_tokens)
-        return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args, accelerator)}
+        env = {"environment": self.environment, "max_turns": self.cfg.ppo.max_turns}
+        return {"accuracy": greedy_accuracy(policy, self.tokenizer, *args, accelerator, **env)}
 
     def save_final(self, model, path, state_dicts) -> None:
         super().save_final(model, path, state_dicts)

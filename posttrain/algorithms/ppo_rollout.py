@@ -43,11 +43,16 @@ class PPOBatch(TensorBatch):
     old_values: Tensor  # (N, C) float32, V_old(s_t) from the critic at rollout time
     advantages: Tensor  # (N, C) float32, GAE advantages (whitened over the rollout if asked)
     returns: Tensor  # (N, C) float32, GAE returns R_t = A_t + V_old(s_t), never whitened
+    # (N, C) long, multi-turn rollouts: 1 on the tokens the policy sampled, the only ones in the
+    # losses (completion_mask also covers the environment's tokens, attended to); None:
+    # completion_mask
+    loss_mask: Tensor | None = None
 
     @staticmethod
     def of(rollout: RolloutBatch, old_logprobs, old_values, advantages, returns) -> PPOBatch:
         """The rollout's token rows with its (N, C) π_old, V_old, advantages and returns."""
         return PPOBatch(
+            loss_mask=None if rollout.env_mask is None else rollout.sampled_mask,
             prompt_ids=rollout.prompt_ids,
             prompt_mask=rollout.prompt_mask,
             completion_ids=rollout.completion_ids,
@@ -67,7 +72,11 @@ class PPOBatch(TensorBatch):
         return self.completion_ids.shape[0]
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None  # loss_mask of a single-turn rollout
+        }
 
     def select(self, rows: Tensor) -> PPOBatch:
         """Rows `rows` (indices), in that order."""
@@ -110,7 +119,20 @@ def estimate_advantages(
     every process's response tokens when ppo.whiten_advantages (returns never are). Metrics are
     this process's: kl (mean per-sequence KL, what the KL controller reads), non_score_reward,
     returns / advantages mean and std (before whitening), values_mean, explained_variance.
+
+    A mask with holes (a multi-turn rollout's sampled tokens, the environment's left out) is
+    compacted first: GAE runs over each row's sampled tokens in order, as one episode of actions
+    whose states include what the environment said, and the results go back to their columns.
     """
+    if not _is_prefix_mask(mask):
+        order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # (N, C)
+        compact = [x.gather(1, order) for x in (old_logprobs, ref_logprobs, values, mask)]
+        advantages, returns, metrics = estimate_advantages(
+            scores, *compact, kl_coef, ppo, accelerator
+        )
+        advantages = torch.zeros_like(advantages).scatter(1, order, advantages)
+        returns = torch.zeros_like(returns).scatter(1, order, returns)
+        return advantages, returns, metrics
     rewards = kl_penalized_rewards(
         scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl_estimator
     )  # (N, C)
@@ -136,6 +158,12 @@ def estimate_advantages(
     if ppo.whiten_advantages:
         advantages = whiten(advantages, mask, accelerator)
     return advantages, returns, metrics
+
+
+def _is_prefix_mask(mask: Tensor) -> bool:
+    """Whether every row's 1s come first (right padding only)."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return bool(((columns < mask.sum(dim=1, keepdim=True)).long() == mask.long()).all())
 
 
 def gather_rollout(rollout: PPOBatch, accelerator: Accelerator) -> PPOBatch:

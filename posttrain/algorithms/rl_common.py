@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from posttrain.algorithms.base import Algorithm, is_provided_model
 from posttrain.config import (
     AnyFloat,
+    ConfigError,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
@@ -30,12 +31,15 @@ from posttrain.data.batches import PolicyBatch
 from posttrain.data.encoding import check_prompts
 from posttrain.data.loading import DataError, Source, load_rows, require_columns
 from posttrain.data.sources import describe, eval_source, mix, train_sources
+from posttrain.envs.rollouts import environment_accuracy, environment_generate_and_score
+from posttrain.envs.session import EnvRunner
 from posttrain.evaluation import accuracy_of
 from posttrain.models.lm_head import configure as configure_head
 from posttrain.models.loading import apply_lora, is_peft_model, load_causal_lm, load_tokenizer
 from posttrain.models.sharding import full_parameters, shard_frozen
 from posttrain.rollout import RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
 from posttrain.scoring import RewardSpec, Scorer
+from posttrain.utils import eos_ids
 
 
 @dataclass
@@ -60,6 +64,16 @@ class OnlineRLSettings:
     reward_timeout_s: NonNegativeFloat = 60.0
     """Seconds one call of a reward function may take; a call still running then is abandoned
     and its samples score failure_reward (counted as rewards/NAME/timeouts). 0: no limit."""
+    environment: str = ""
+    """Multi-turn rollouts in an environment: a built-in (tools) or `module:Class` (posttrain/
+    envs); empty: single-turn completions."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the environment is given: built-in (calculator, python) or `module:function`."""
+    max_turns: PositiveInt = 4
+    """Most assistant turns per episode with an environment (max_new_tokens bounds each)."""
+    env_timeout_s: NonNegativeFloat = 30.0
+    """Seconds one environment step may take; a step that raises or outlives it ends the episode
+    with failure_reward (counted as env/errors, env/timeouts). 0: no limit."""
 
 
 # RL prompts are tokenised as they are sampled, not by datasets.map at load time.
@@ -87,6 +101,35 @@ def load_policy_and_prompts(cfg, algorithm: Algorithm | None = None) -> tuple:
     for prompts in (data, eval_data) if eval_data else (data,):  # chat prompts: template, roles
         check_prompts(tokenizer, prompts.prompts, prompts.path)
     return tokenizer, model, data, eval_data
+
+
+def environment_runner(
+    settings: OnlineRLSettings, section: str, tokenizer, model
+) -> EnvRunner | None:
+    """The recipe's environment (None for single-turn rollouts); its keys are rejected when
+    there is no environment, and stop strings with one (a turn ends at EOS)."""
+    if not settings.environment:
+        unused = {"tools": [], "max_turns": 4, "env_timeout_s": 30.0}
+        for key, default in unused.items():
+            if getattr(settings, key) != default:
+                raise ConfigError(
+                    f"{section}.{key} is used only with {section}.environment (multi-turn "
+                    "rollouts); set an environment or remove it"
+                )
+        return None
+    if settings.stop:
+        raise ConfigError(
+            f"{section}.stop is not used with {section}.environment: a turn ends at EOS, where "
+            "the chat template closes it, so the environment's reply can follow"
+        )
+    return EnvRunner(
+        settings.environment,
+        tokenizer,
+        tools=list(settings.tools),
+        timeout_s=settings.env_timeout_s,
+        failure_reward=settings.failure_reward,
+        eos_ids=eos_ids(model, tokenizer),
+    )
 
 
 def build_scorer(
@@ -211,13 +254,21 @@ def generate_and_score(
     indices: list[int],
     params: SamplingParams,
     max_prompt_tokens: int | None = None,
+    environment: EnvRunner | None = None,
+    max_turns: int = 1,
 ):
     """(rollout, scores, engine stats): `params.n` samples of each prompt of `data` at `indices`
     from the shared RolloutEngine (one seed per prompt, so sharding over processes changes no
     sample), scored by the shared Scorer with the data's other columns.
 
     max_prompt_tokens: longer prompts keep their LAST tokens (the question and the generation
-    prompt); stats["prompts_truncated"] is the fraction that were cut."""
+    prompt); stats["prompts_truncated"] is the fraction that were cut.
+    environment: multi-turn conversations in it, up to max_turns assistant turns
+    (envs/rollouts.py; prompts are the environment's and are not cut)."""
+    if environment is not None:
+        return environment_generate_and_score(
+            policy, tokenizer, data, scorer, environment, indices, params, max_turns
+        )
     engine = RolloutEngine(policy, tokenizer)
     prompts = [data.prompts[i] for i in indices]
     seeds = [params.seed * 1_000_003 + i for i in indices]
@@ -255,17 +306,30 @@ def rollout_metrics(rollout: RolloutBatch, scored, stats: dict) -> dict[str, flo
 
 @torch.no_grad()
 def greedy_accuracy(
-    policy, tokenizer, data, limit: int, max_new_tokens: int, accelerator: Accelerator
+    policy,
+    tokenizer,
+    data,
+    limit: int,
+    max_new_tokens: int,
+    accelerator: Accelerator,
+    environment: EnvRunner | None = None,
+    max_turns: int = 1,
 ) -> float:
     """Greedy exact-match accuracy on the first `limit` rows of `data` (prompt/answer), the rows
-    shared out over processes."""
+    shared out over processes; with an environment, of the last turn of each conversation."""
     mine = list(range(accelerator.process_index, limit, accelerator.num_processes))
     engine = RolloutEngine(policy, tokenizer)
     prompts, answers = [data.prompts[i] for i in mine], [data.extra["answer"][i] for i in mine]
     # A sharded policy is gathered once for the whole evaluation (a collective every process
     # joins), so processes may then run different numbers of generate calls.
     with full_parameters(policy):
-        result = accuracy_of(engine, prompts, answers, max_new_tokens) if mine else None
+        if environment is not None and mine:
+            rows = [dict(data.rows[i]) for i in mine]
+            result = environment_accuracy(
+                policy, tokenizer, environment, rows, max_new_tokens, max_turns, data.path
+            )
+        else:
+            result = accuracy_of(engine, prompts, answers, max_new_tokens) if mine else None
     result = result or {"accuracy": 0.0, "n": 0}
     right_n = torch.tensor([result["accuracy"] * result["n"], float(result["n"])])
     totals = accelerator.reduce(right_n.to(accelerator.device), reduction="sum")
@@ -341,6 +405,8 @@ def to_policy_batches(
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
                 num_tokens=int(prompt_mask.sum() + completion_mask.sum()),
                 rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs[rows],
+                # multi-turn: every completion token is attended to, the loss mask has holes
+                attention_mask=None if rollout.env_mask is None else completion_mask,
             )
         )
     return batches

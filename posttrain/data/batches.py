@@ -73,6 +73,9 @@ class PolicyBatch(TensorBatch):
     ref_logprobs: torch.Tensor | None  # (N, C) π_ref, when a KL term needs it
     num_tokens: int  # prompt + completion tokens, for throughput
     rollout_logprobs: torch.Tensor | None = None  # (N, C) engine sampling log-probs μ (GRPO)
+    # (N, C) 1 on every completion token the model attends to, when completion_mask leaves some
+    # out (environment tokens of a multi-turn rollout); None: completion_mask
+    attention_mask: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:

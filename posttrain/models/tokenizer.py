@@ -11,6 +11,7 @@ Design choices (and why):
   token prefix of rendering messages[:i+1]. The SFT masking relies on that (it is checked).
 - `<|end|>` closes every turn and is the EOS token, so generation stops at the end of the
   assistant's turn.
+- `tools=` renders a one-line system turn naming the tools (multi-turn tool use, envs/).
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS]
 
 # `{% generation %}` marks assistant content for transformers' assistant-token masks; the
 # posttrain SFT path does not need it (it diffs prefix renders) but users' tools may.
+# With `tools=` (JSON schemas), a system turn lists the tool names before the chat: the tiny
+# model only needs to know which calls exist (the call format is learnt from tool-use SFT data,
+# data/tools.py); a `tool` message renders as `<|tool|>` + its content, like any role.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>tools:' }}{% for tool in tools %}"
+    "{{ ' ' + (tool.function if tool.function is defined else tool).name }}{% endfor %}"
+    "{{ '<|end|>' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}"

@@ -83,6 +83,17 @@ class RolloutBatch:
     texts: list[
         str
     ]  # N decoded completions, special tokens skipped, ending at the stop string if any
+    # (N, C) long, 1 on tokens an environment appended in a multi-turn rollout (they are in
+    # completion_mask, attended to, but carry no loss); None for single-turn rollouts
+    env_mask: Tensor | None = None
+
+    @property
+    def sampled_mask(self) -> Tensor:
+        """(N, C) 1 on the tokens the policy sampled: the loss mask of a multi-turn rollout
+        (completion_mask itself when there is no environment)."""
+        if self.env_mask is None:
+            return self.completion_mask
+        return self.completion_mask * (1 - self.env_mask)
 
     @property
     def lengths(self) -> Tensor:
@@ -138,6 +149,19 @@ class RolloutBatch:
             truncated=torch.cat([p.truncated for p in parts]),
             group_ids=torch.cat([p.group_ids for p in parts]),
             texts=[t for p in parts for t in p.texts],
+            env_mask=None
+            if all(p.env_mask is None for p in parts)
+            else torch.cat(
+                [
+                    right(
+                        p.env_mask
+                        if p.env_mask is not None
+                        else torch.zeros_like(p.completion_mask),
+                        0,
+                    )
+                    for p in parts
+                ]
+            ),
         )
 
     def split(self, size: int) -> list[RolloutBatch]:
