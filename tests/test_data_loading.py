@@ -144,7 +144,10 @@ def test_missing_flash_attn_names_the_package(tiny_model_dir):
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed")
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation="flash_attention_2")
-    with pytest.raises(ModelError, match=r"needs the flash-attn package.*pip install flash-attn; values that work: sdpa, eager$"):
+    with pytest.raises(
+        ModelError,
+        match=r"needs the flash-attn package.*pip install flash-attn; values that work: sdpa, eager$",
+    ):
         load_causal_lm(cfg)
 
 
