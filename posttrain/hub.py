@@ -18,9 +18,18 @@ CONNECT_TIMEOUT_S = 3.0
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) is set to a true value."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    return any(os.environ.get(n, "").upper() in ("1", "ON", "YES", "TRUE") for n in names)
+    """The libraries' offline mode: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as huggingface_hub
+    read them at import (what from_pretrained and load_dataset will do), or
+    HF_DATASETS_OFFLINE."""
+    from huggingface_hub import constants
+
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 def endpoint() -> str:

@@ -109,7 +109,9 @@ def encode_rows(
         with_indices=True,
         fn_kwargs=fn_kwargs,
         remove_columns=rows.column_names,
-        num_proc=options.num_proc if options.num_proc > 1 and len(rows) > 1 else None,
+        num_proc=min(options.num_proc, len(rows))
+        if options.num_proc > 1 and len(rows) > 1
+        else None,
         new_fingerprint=fingerprint,
         desc=desc,
         features=features,

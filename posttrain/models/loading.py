@@ -46,22 +46,22 @@ def check_model_path(name_or_path: str) -> None:
         hub.require_hub(name_or_path, "model directory", ModelError)
 
 
-def check_flash_attention(cfg: ModelConfig) -> None:
-    """flash_attention_2 needs the flash-attn package and a CUDA GPU: say so in one line before
-    transformers raises its ImportError from deep inside from_pretrained."""
+def check_flash_attention(cfg: ModelConfig, auto_cls) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: say so in one line, with
+    the pip command, before transformers raises from deep inside from_pretrained."""
     if cfg.attn_implementation != "flash_attention_2":
         return
     if importlib.util.find_spec("flash_attn") is None:
-        raise ModelError(
-            "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
-            "not installed: pip install flash-attn --no-build-isolation (CUDA only), or set "
-            "model.attn_implementation=sdpa"
-        )
-    if not torch.cuda.is_available():
-        raise ModelError(
-            "model.attn_implementation=flash_attention_2 needs a CUDA GPU, and this machine has "
-            "none: set model.attn_implementation=sdpa"
-        )
+        problem = "needs the flash-attn package, which is not installed: pip install flash-attn"
+    elif not torch.cuda.is_available():
+        problem = "needs a CUDA GPU, and this machine has none"
+    else:
+        return
+    works = working_implementations(model_cls_of(auto_cls, resolved_path(cfg.name_or_path)))
+    raise ModelError(
+        f"model.attn_implementation=flash_attention_2 {problem}; values that work: "
+        f"{', '.join(w for w in works if not w.startswith('flash'))}"
+    )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -146,7 +146,7 @@ def dtype_notices(config, cfg: ModelConfig) -> None:
 
 def _from_pretrained(auto_cls, cfg: ModelConfig, **extra):
     check_model_path(cfg.name_or_path)
-    check_flash_attention(cfg)
+    check_flash_attention(cfg, auto_cls)
     name = resolved_path(cfg.name_or_path)
     adapter_only = (Path(name) / "adapter_config.json").is_file() and not (
         Path(name) / "config.json"
