@@ -20,7 +20,7 @@ import pytest
 from cli_helpers import REPO, run_cli, sft_overrides
 
 from posttrain.config import LoggingConfig, load_recipe
-from posttrain.train.trackers import check_trackers, requested_trackers
+from posttrain.train.trackers import TRACKER_PACKAGES, check_trackers, requested_trackers
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -154,20 +154,27 @@ def test_grpo_writes_samples_with_their_rewards(
 
 
 def test_missing_tracker_extra_is_one_line_before_the_model_loads(tmp_path):
-    if importlib.util.find_spec("trackio") is not None:
-        pytest.skip("trackio is installed")
+    missing = [
+        name
+        for name, (modules, _) in TRACKER_PACKAGES.items()
+        if any(importlib.util.find_spec(m) is None for m in modules)
+    ]
+    if not missing:
+        pytest.skip("every tracker package is installed")
+    name = missing[0]
     r = run_cli(
         "sft",
         "recipes/sft_tiny.yaml",
         "model.name_or_path=/nonexistent/model",  # never reached: the check comes first
         f"train.output_dir={tmp_path / 'o'}",
-        "logging.report_to=[jsonl, trackio]",
+        f"logging.report_to=[jsonl, {name}]",
+        env={"MLFLOW_TRACKING_URI": ""},
     )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert "logging.report_to includes trackio" in line
-    assert "pip install 'posttrain[trackio]'" in line
+    assert f"logging.report_to includes {name}" in line
+    assert f"pip install 'posttrain[{name}]'" in line
 
 
 def test_report_to_names_and_the_older_tensorboard_key():

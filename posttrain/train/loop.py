@@ -98,6 +98,7 @@ def train(
         save_config(cfg, out / "config.yaml")
         ckpt.remove_stale_temporaries(out)
     accelerator.wait_for_everyone()
+    start_trackers(accelerator, cfg)  # before the model loads: a login problem shows at once
 
     model = algorithm.setup(accelerator)
     trained = [Trainable("model", model, cfg.optim), *algorithm.extra_trainables()]
@@ -121,7 +122,6 @@ def train(
     if main and resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
-    start_trackers(accelerator, cfg)
     logger = MetricsLogger(
         out,
         main,

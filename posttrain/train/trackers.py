@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import MissingExtraError, debug_enabled
+from posttrain.errors import MissingExtraError, UserError, debug_enabled
 
 # report_to name -> (import names that must be present, extra that brings them)
 TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -39,6 +39,10 @@ TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "trackio": (("trackio",), "trackio"),
 }
 TRACKERS = tuple(TRACKER_PACKAGES)
+
+
+class TrackerLoginError(UserError):
+    """A tracker needs credentials the environment does not have."""
 
 
 def requested_trackers(logging_cfg: Any) -> list[str]:
@@ -136,9 +140,17 @@ def start_trackers(accelerator: Any, cfg: Any) -> list[str]:
         # MLflow's SQL store and some tracker versions warn about their own dependencies.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        accelerator.init_trackers(
-            cfg.logging.project, config=_flat_config(cfg), init_kwargs=init_kwargs
-        )
+        try:
+            accelerator.init_trackers(
+                cfg.logging.project, config=_flat_config(cfg), init_kwargs=init_kwargs
+            )
+        except Exception as e:
+            if type(e).__module__.startswith("wandb") and "API key" in str(e):
+                raise TrackerLoginError(
+                    "logging.report_to includes wandb but W&B has no login: run `wandb login`, "
+                    "set WANDB_API_KEY, or log offline with WANDB_MODE=offline"
+                ) from e
+            raise
     return names
 
 
