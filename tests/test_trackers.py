@@ -45,6 +45,7 @@ def tensorboard_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
     return found
 
 
+@pytest.mark.slow  # ~60 s: three tracker libraries start in a fresh process
 def test_offline_tensorboard_mlflow_wandb_hold_the_loss(tiny_model_dir, arithmetic_dir, tmp_path):
     need("tensorboard", "mlflow", "sqlalchemy", "wandb")
     out = tmp_path / "sft"
@@ -139,6 +140,12 @@ def test_grpo_writes_samples_with_their_rewards(
         assert row["length"] >= 1 and isinstance(row["truncated"], bool)
     assert any(r["reward"] > 0 for r in rows), "all rewards 0: the check above proves nothing"
 
+    # metrics reach the tracker through accelerator.log (float32 in TensorBoard)
+    logged = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
+    tb = tensorboard_scalars(out / "tb", "loss")
+    assert tb.keys() == logged.keys() == {1, 2, 3}
+    assert all(tb[s] == pytest.approx(logged[s], rel=1e-6, abs=1e-9) for s in logged)
+
     # the same table as TensorBoard text at those steps
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -162,15 +169,22 @@ def test_missing_tracker_extra_is_one_line_before_the_model_loads(tmp_path):
     if not missing:
         pytest.skip("every tracker package is installed")
     name = missing[0]
-    r = run_cli(
-        "sft",
-        "recipes/sft_tiny.yaml",
-        "model.name_or_path=/nonexistent/model",  # never reached: the check comes first
-        f"train.output_dir={tmp_path / 'o'}",
-        f"logging.report_to=[jsonl, {name}]",
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "sft",
+            str(REPO / "recipes/sft_tiny.yaml"),
+            "model.name_or_path=/nonexistent/model",  # never reached: the check comes first
+            f"train.output_dir={tmp_path / 'o'}",
+            f"logging.report_to=[jsonl, {name}]",
+        ],
         env={"MLFLOW_TRACKING_URI": ""},
     )
-    assert r.returncode == 2, r.stderr
+    assert r.exit_code == 2, r.stderr
     assert "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert f"logging.report_to includes {name}" in line
