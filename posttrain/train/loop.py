@@ -109,6 +109,7 @@ def train(
         save_config(cfg, out / "config.yaml")
         ckpt.remove_stale_temporaries(out)
     accelerator.wait_for_everyone()
+    start_trackers(accelerator, cfg)  # before the model loads: a login problem shows at once
 
     model = algorithm.setup(accelerator)
     periodic_eval = build_periodic_eval(cfg, algorithm.name)  # `evaluation` section, or None
@@ -133,7 +134,6 @@ def train(
     if main and resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
 
-    start_trackers(accelerator, cfg)
     logger = MetricsLogger(
         out,
         main,

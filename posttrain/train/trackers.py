@@ -9,8 +9,9 @@ this module adds around Accelerate:
   (offline with WANDB_MODE=offline, as wandb itself reads it), MLflow in a SQLite store
   OUTPUT_DIR/mlflow.db with artifacts in OUTPUT_DIR/mlartifacts unless MLFLOW_TRACKING_URI
   points elsewhere;
-- sample-completion tables of RL runs: always OUTPUT_DIR/samples.jsonl, plus a wandb Table,
-  an MLflow table artifact and a TensorBoard text table where those trackers run.
+- sample-completion tables of RL runs: always OUTPUT_DIR/samples.jsonl, plus a wandb/trackio
+  Table, an MLflow table artifact and a TensorBoard text table where those trackers run.
+trackio keeps its runs in its own store (TRACKIO_DIR, default ~/.cache/huggingface/trackio).
 
 Imports nothing heavy at module level (the CLI checks extras before torch is loaded).
 """
@@ -26,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import MissingExtraError, debug_enabled
+from posttrain.errors import MissingExtraError, UserError, debug_enabled
 
 # report_to name -> (import names that must be present, extra that brings them)
 TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -38,6 +39,10 @@ TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "trackio": (("trackio",), "trackio"),
 }
 TRACKERS = tuple(TRACKER_PACKAGES)
+
+
+class TrackerLoginError(UserError):
+    """A tracker needs credentials the environment does not have."""
 
 
 def requested_trackers(logging_cfg: Any) -> list[str]:
@@ -135,9 +140,17 @@ def start_trackers(accelerator: Any, cfg: Any) -> list[str]:
         # MLflow's SQL store and some tracker versions warn about their own dependencies.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        accelerator.init_trackers(
-            cfg.logging.project, config=_flat_config(cfg), init_kwargs=init_kwargs
-        )
+        try:
+            accelerator.init_trackers(
+                cfg.logging.project, config=_flat_config(cfg), init_kwargs=init_kwargs
+            )
+        except Exception as e:
+            if type(e).__module__.startswith("wandb") and "API key" in str(e):
+                raise TrackerLoginError(
+                    "logging.report_to includes wandb but W&B has no login: run `wandb login`, "
+                    "set WANDB_API_KEY, or log offline with WANDB_MODE=offline"
+                ) from e
+            raise
     return names
 
 
@@ -166,9 +179,9 @@ def tracker_values(metrics: dict) -> dict[str, float]:
 
 
 def log_sample_table(accelerator: Any, step: int, rows: list[dict]) -> None:
-    """A table of sample completions to each tracker that shows tables (main process only):
-    wandb Table `samples`, MLflow artifact samples/step_NNNNNN.json, TensorBoard text
-    `samples`. trackio gets none (metrics only); samples.jsonl always has them."""
+    """A table of sample completions to each tracker (main process only): wandb and trackio
+    Table `samples`, MLflow artifact samples/step_NNNNNN.json, TensorBoard text `samples`.
+    (samples.jsonl always has them.)"""
     if not rows or not accelerator.is_main_process:
         return
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -185,6 +198,10 @@ def log_sample_table(accelerator: Any, step: int, rows: list[dict]) -> None:
                     {c: [row.get(c) for row in rows] for c in columns},
                     artifact_file=f"samples/step_{step:06d}.json",
                 )
+        elif tracker.name == "trackio":
+            import trackio
+
+            tracker.run.log({"samples": trackio.Table(columns=columns, data=data)}, step=step)
         elif tracker.name == "tensorboard":
             tracker.writer.add_text("samples", _markdown_table(columns, data), global_step=step)
             tracker.writer.flush()
