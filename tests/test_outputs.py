@@ -139,8 +139,8 @@ def test_fsdp2_hf_checkpoints_and_sharded_evaluation(
     from posttrain.evaluation import evaluate_model
 
     (tmp_path / "length_reward.py").write_text(
-        "def length(prompts, completions, **columns):\n"
-        "    return [len(c) / 10 for c in completions]\n"
+        "def length(prompts, completions, answer, **columns):\n"
+        "    return [len(c) / 10 + float(a) / 100 for c, a in zip(completions, answer)]\n"
     )
     pythonpath = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     out = tmp_path / "run"
