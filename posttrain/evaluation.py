@@ -86,6 +86,13 @@ def prompt_rows(rows, source: str) -> tuple[list, dict[str, list]]:
     )
 
 
+def _no_answer(source: str, columns: list[str]) -> str:
+    return (
+        f"{source}: exact_match needs a reference: an 'answer' or 'completion' column, or "
+        f"'messages' (found: {', '.join(columns)})"
+    )
+
+
 def build_eval_scorer(rewards: list[RewardFunctionConfig], timeout_s: float = 60.0) -> Scorer:
     specs = [RewardSpec(name=r.name, weight=r.weight, params=dict(r.params)) for r in rewards]
     return Scorer(specs, failure_reward=0.0, timeout_s=timeout_s)
@@ -235,6 +242,10 @@ def evaluate_model(
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     scorer = build_eval_scorer(rewards) if metric == "reward" else None
+    if metric != "loss":  # data problems before the (slow) model load
+        prompts, columns = prompt_rows(rows, str(data_path))
+        if metric == "exact_match" and "answer" not in columns:
+            raise DataError(_no_answer(str(data_path), rows.column_names))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     model = load_causal_lm(ModelConfig(name_or_path=model_dir, trust_remote_code=trust_remote_code))
     if torch.cuda.is_available():
@@ -244,9 +255,6 @@ def evaluate_model(
     if metric == "loss":
         result = mean_token_loss(model, tokenizer, rows, str(data_path), max_length, batch_size)
     else:
-        prompts, columns = prompt_rows(rows, str(data_path))
-        if metric == "exact_match" and "answer" not in columns:
-            raise DataError(f"{data_path}: exact_match needs an 'answer' column")
         sums = generation_sums(
             RolloutEngine(model, tokenizer), prompts, columns, metric, max_new_tokens, samples,
             seed, scorer, match, success_threshold,
@@ -274,7 +282,7 @@ class PeriodicEvaluation:
                 raise ConfigError("evaluation.metric=reward needs evaluation.rewards")
             self.scorer = build_eval_scorer(self.cfg.rewards)
         elif "answer" not in self.columns:
-            raise DataError(f"{path}: evaluation.metric=exact_match needs an 'answer' column")
+            raise DataError(_no_answer(path, rows.column_names))
         key = "accuracy" if self.cfg.metric == "exact_match" else "reward"
         self.keys = ["n", key] + [f"rewards/{r.name}" for r in self.cfg.rewards if self.scorer]
         if self.cfg.samples > 1:

@@ -101,9 +101,9 @@ def test_eval_errors(tmp_path, arithmetic_dir):
         "model path does not exist",
     )
     check_error(
-        run_inprocess("eval", tmp_path, arithmetic_dir / "sft_test.jsonl"),
-        "missing column 'prompt', 'answer'",
-        "found: messages",
+        run_inprocess("eval", tmp_path, arithmetic_dir / "preference_test.jsonl"),
+        "exact_match needs a reference: an 'answer' or 'completion' column",
+        "found: prompt, chosen, rejected",
     )
 
 

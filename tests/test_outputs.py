@@ -5,11 +5,12 @@ checked before training (up to where the network is needed: no network here)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 import yaml
-from cli_helpers import free_port, run_cli
+from cli_helpers import free_port, run_cli, run_torchrun
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import TrainConfig
@@ -123,3 +124,63 @@ def test_push_to_hub_checks(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(HubError, match="cannot be reached"):
         check_hub_ready(cfg)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_hf_checkpoints_and_sharded_evaluation(
+    tiny_model_dir, arithmetic_dir, tmp_path, monkeypatch
+):
+    """2 torchrun processes under FSDP2: step-N/hf is gathered like final/ (the same tensors,
+    no tied duplicates), and the evaluation section's reward, summed over the processes' shares,
+    equals `posttrain eval` of final/ on one process."""
+    from safetensors.torch import load_file
+
+    from posttrain.config import RewardFunctionConfig
+    from posttrain.evaluation import evaluate_model
+
+    (tmp_path / "length_reward.py").write_text(
+        "def length(prompts, completions, answer, **columns):\n"
+        "    return [len(c) / 10 + float(a) / 100 for c, a in zip(completions, answer)]\n"
+    )
+    pythonpath = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    out = tmp_path / "run"
+    eval_path = arithmetic_dir / "sft_test.jsonl"
+    done = run_torchrun(
+        "sft",
+        "recipes/sft_tiny.yaml",
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train_path={arithmetic_dir / 'sft_train.jsonl'}",
+        f"data.eval_path={eval_path}",
+        "data.max_eval_examples=7",  # odd: the processes' shares differ in size
+        f"train.output_dir={out}",
+        "train.sharding=fsdp2",
+        "train.max_steps=2",
+        "train.save_every=1",
+        "train.batch_size=4",
+        "train.save_hf_checkpoints=true",
+        "logging.log_every=1",
+        "logging.progress=false",
+        "evaluation.metric=reward",
+        "evaluation.rewards=[{name: 'length_reward:length'}]",
+        "evaluation.max_new_tokens=4",
+        env={"PYTHONPATH": pythonpath},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    step2 = out / "checkpoints" / "step-0000002" / "hf"
+    final = load_file(out / "final" / "model.safetensors")
+    gathered = load_file(step2 / "model.safetensors")
+    assert gathered.keys() == final.keys()
+    assert all(torch.equal(gathered[k], final[k]) for k in final)
+    assert AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-0000001" / "hf")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    single = evaluate_model(
+        str(out / "final"),
+        str(eval_path),
+        4,
+        limit=7,
+        metric="reward",
+        rewards=[RewardFunctionConfig(name="length_reward:length")],
+    )
+    assert single["reward"] > 0 and single["n"] == 7
+    assert last["eval/reward"] == pytest.approx(single["reward"], abs=1e-6)
