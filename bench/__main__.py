@@ -20,8 +20,9 @@ FULL_CASES = (
     "sft_long,dpo_long,rm_long,grpo_long,"  # long workload
     "sft_bigvocab,grpo_bigvocab"  # real vocabulary
 )
-# rm shares dpo's data path and packing, so the development loop leaves it out.
-QUICK_CASES = "sft,dpo,grpo,rollout"
+# The development loop (<= 5 min): one offline trainer, the online trainer, the engine (dpo and
+# rm share sft's harness path; `--quick --cases dpo` adds one).
+QUICK_CASES = "sft,grpo,rollout"
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,10 +44,16 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--pairs", type=int, default=5, help="ABBA pairs per case (at least 5)")
     p.add_argument(
-        "--steps", type=int, default=None, help="timed steps per run (default 8, quick 4)"
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per run (default 2; cases may set fewer)",
     )
     p.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps per run (default 2, quick 1)"
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per run (default 1; cases may set 0)",
     )
     p.add_argument(
         "--select",
@@ -80,8 +87,8 @@ def main() -> None:
         preset=args.preset or ("tiny" if args.quick else "small"),
         pairs=args.pairs,
         warmup=args.warmup if args.warmup is not None else 1,
-        steps=args.steps if args.steps is not None else (2 if args.quick else 3),
-        probe_steps=1 if args.quick else 2,
+        steps=args.steps if args.steps is not None else 2,
+        probe_steps=1,
         threads=args.threads,
         device=args.device,
         select=args.select or ("fixed" if args.quick else "probe"),

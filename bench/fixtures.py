@@ -115,8 +115,18 @@ def answers_of(row: dict, kind: str) -> list[list]:
     return [[]]
 
 
+_STATS: dict[tuple, dict] = {}  # one tokenisation per file and process (make_fixtures per case)
+
+
 def length_stats(path: Path, model: Path, kind: str, max_length: int = MAX_LENGTH) -> dict:
     """Token lengths of the rendered rows (one per sequence), to report and for attention FLOPs."""
+    key = (str(path), str(model), kind, max_length)
+    if key not in _STATS:
+        _STATS[key] = _length_stats(path, model, kind, max_length)
+    return _STATS[key]
+
+
+def _length_stats(path: Path, model: Path, kind: str, max_length: int) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -130,9 +130,9 @@ GRPO_TOKEN_TOLERANCE = 0.05
 class Settings:
     preset: str = "small"
     pairs: int = 5
-    warmup: int = 2  # untimed steps at the start of every run
-    steps: int = 8  # timed steps per run
-    probe_steps: int = 3  # timed steps of a configuration probe
+    warmup: int = 1  # untimed steps at the start of every run
+    steps: int = 2  # timed steps per run
+    probe_steps: int = 1  # timed steps of a configuration probe
     threads: int = 2
     device: str = "cpu"
     select: str = "probe"  # probe | fixed
