@@ -83,8 +83,16 @@ def main() -> None:
         raise SystemExit(
             f"unknown case(s) {unknown}; known: {sorted(harness.CASES) + sorted(harness.EXTERNAL)}"
         )
+    preset = args.preset or ("tiny" if args.quick else "small")
+    not_tiny = [
+        c for c in cases if c in harness.CASES and harness.CASES[c].workload != "shared-prompt"
+    ]
+    if preset != "small" and not_tiny:
+        raise SystemExit(
+            f"{not_tiny}: the long and bigvocab workloads exist for --preset small only"
+        )
     settings = harness.Settings(
-        preset=args.preset or ("tiny" if args.quick else "small"),
+        preset=preset,
         pairs=args.pairs,
         warmup=args.warmup if args.warmup is not None else 1,
         steps=args.steps if args.steps is not None else 2,

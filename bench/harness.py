@@ -102,12 +102,14 @@ CASES = {
     # 8 prompts x 8 samples, 32 new tokens, beta=0, one optimisation pass (posttrain_runner.py).
     # Lower is better, so the ratio is TRL's seconds per step over posttrain's.
     "grpo": Case("grpo", "seconds_per_step", "rl_data", batch=8, lr=1e-6, target=3.0,
-                 posttrain_configs=PRECISION, trl_configs=TRL_PRECISION),
+                 posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, steps=1),
     # Long workload: short prompts, 100-500 token responses (bench/fixtures.py).
     "sft_long": trainer_case("sft", "long", 8, 2, target=1.3, max_length=MAX_LENGTH_LONG),
     "dpo_long": trainer_case("dpo", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
     "rm_long": trainer_case("rm", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
-    "grpo_long": Case("grpo", "seconds_per_step", "rl_long_data", batch=8, lr=1e-6, target=3.0,
+    # 4 prompts x 8 samples (not the 8 x 8): 8 x 8 x 256 tokens alone would take ~10 of
+    # make bench's 40 minutes on 2 cores (about 30 s posttrain + 70 s TRL per pair run).
+    "grpo_long": Case("grpo", "seconds_per_step", "rl_long_data", batch=4, lr=1e-6, target=3.0,
                       workload="long", record="grpo_long", max_length=64, new_tokens=256,
                       posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, warmup=0, steps=1),
     # Real vocabulary (151,936): 1,024-token sequences; memory is the point (rss_target).

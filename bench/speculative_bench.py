@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=120)
     parser.add_argument("--batches", default="1,16,64")
-    parser.add_argument("--b1-prompts", type=int, default=8)
+    parser.add_argument("--b1-prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=None, help="alias of --repeats (harness)")
