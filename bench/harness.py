@@ -113,15 +113,15 @@ CASES = {
                       workload="long", record="grpo_long", max_length=64, new_tokens=256,
                       posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, warmup=0, steps=1),
     # Real vocabulary (151,936): 1,024-token sequences; memory is the point (rss_target).
-    "sft_bigvocab": Case("sft", "trained_tokens_per_s", "sft_bigvocab_data", batch=2, lr=1e-4,
+    "sft_bigvocab": Case("sft", "trained_tokens_per_s", "sft_bigvocab_data", batch=1, lr=1e-4,
                          target=1.0, rss_target=2.0, workload="bigvocab", record="sft_bigvocab",
                          model="bigvocab_model", max_length=MAX_LENGTH_BIG, warmup=1, steps=1,
                          posttrain_configs=[{"data.packing": True, **PRECISION[0]}],
                          trl_configs=[{"bf16": True, "padding_free": True}]),
     "grpo_bigvocab": Case("grpo", "seconds_per_step", "rl_bigvocab_data", batch=1, lr=1e-6,
                           target=1.0, rss_target=2.0, workload="bigvocab", record="grpo_bigvocab",
-                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 256,
-                          generations=2, new_tokens=256, warmup=0, steps=1,
+                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 128,
+                          generations=2, new_tokens=128, warmup=0, steps=1,
                           posttrain_configs=PRECISION[:1], trl_configs=TRL_PRECISION[:1]),
 }  # fmt: skip
 # The largest relative difference in generated tokens per GRPO step between the two sides.
