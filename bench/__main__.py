@@ -2,8 +2,8 @@
 
 Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL in ABBA
 order, in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
-A full run (no --cases) rewrites latest.jsonl from scratch; a run of chosen cases replaces only
-their records. `--quick` is the development loop: the tiny preset, short runs, first-listed
+A full run (no --cases, not --quick) rewrites latest.jsonl from scratch; a quick run or a run of
+chosen cases replaces only their records. `--quick` is the development loop: the tiny preset, short runs, first-listed
 configurations.
 """
 
@@ -103,7 +103,10 @@ def main() -> None:
         probe_only=tuple(c.strip() for c in args.probe.split(",") if c.strip()),
     )
     started = time.perf_counter()
-    if args.cases is None:  # a full run: no record of an earlier run survives
+    # A full run (not --quick, no --cases) starts the results file afresh: no record of an
+    # earlier run survives. A quick or partial run replaces only the records of its cases.
+    full = args.cases is None and not args.quick
+    if full:
         report.LATEST.unlink(missing_ok=True)
     peaks = {
         dtype: mfu.measure_peak(dtype, settings.threads, device=settings.device)
@@ -113,7 +116,7 @@ def main() -> None:
         "matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
         flush=True,
     )
-    if args.cases is None:  # date, machine and versions of the run the README table quotes
+    if full:  # date, machine and versions of the run the README table quotes
         report.RUN_INFO.parent.mkdir(parents=True, exist_ok=True)
         report.RUN_INFO.write_text(json.dumps(report.run_info(settings.threads, peaks), indent=1))
     done, timings = [], {}
