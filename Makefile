@@ -44,10 +44,10 @@ test-all: install
 # ==2.13.0) so that resolving TRL can never swap it for another torch.
 # `make bench` runs every case (shared-prompt, long, bigvocab, rollout; bench/README.md) in ABBA
 # pairs and rewrites bench/results/latest.jsonl; it probes both sides' candidate configurations
-# on the long-workload SFT/DPO/RM cases and takes the first candidate elsewhere (the 40-minute
-# budget); `make bench-probe` probes every case. `python -m bench.report --readme` then
+# on sft_long (TRL: padding-free, packing, micro-batches, fp32) and takes the first candidate
+# elsewhere (the 40-minute budget); `make bench-probe` probes every case. `python -m bench.report --readme` then
 # regenerates the README's performance table from the results.
-BENCH_PROBE_CASES = sft_long,dpo_long,rm_long
+BENCH_PROBE_CASES = sft_long
 bench: install
 	$(PIP) install -q -e ".[bench]" -c <(echo "torch==$(TORCH_VERSION)")
 	$(PY) -m bench --select probe --probe $(BENCH_PROBE_CASES)

@@ -2,8 +2,8 @@
 
 Creates the fixtures, measures the matmul peak, runs every case (posttrain and TRL in ABBA
 order, in separate processes), prints the table, writes bench/results/latest.jsonl and the plot.
-A full run (no --cases) rewrites latest.jsonl from scratch; a run of chosen cases replaces only
-their records. `--quick` is the development loop: the tiny preset, short runs, first-listed
+A full run (no --cases, not --quick) rewrites latest.jsonl from scratch; a quick run or a run of
+chosen cases replaces only their records. `--quick` is the development loop: the tiny preset, short runs, first-listed
 configurations.
 """
 
@@ -20,8 +20,9 @@ FULL_CASES = (
     "sft_long,dpo_long,rm_long,grpo_long,"  # long workload
     "sft_bigvocab,grpo_bigvocab"  # real vocabulary
 )
-# rm shares dpo's data path and packing, so the development loop leaves it out.
-QUICK_CASES = "sft,dpo,grpo,rollout"
+# The development loop (<= 5 min): one offline trainer, the online trainer, the engine (dpo and
+# rm share sft's harness path; `--quick --cases dpo` adds one).
+QUICK_CASES = "sft,grpo,rollout"
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,10 +44,16 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--pairs", type=int, default=5, help="ABBA pairs per case (at least 5)")
     p.add_argument(
-        "--steps", type=int, default=None, help="timed steps per run (default 8, quick 4)"
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per run (default 2; cases may set fewer)",
     )
     p.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps per run (default 2, quick 1)"
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per run (default 1; cases may set 0)",
     )
     p.add_argument(
         "--select",
@@ -76,19 +83,30 @@ def main() -> None:
         raise SystemExit(
             f"unknown case(s) {unknown}; known: {sorted(harness.CASES) + sorted(harness.EXTERNAL)}"
         )
+    preset = args.preset or ("tiny" if args.quick else "small")
+    not_tiny = [
+        c for c in cases if c in harness.CASES and harness.CASES[c].workload != "shared-prompt"
+    ]
+    if preset != "small" and not_tiny:
+        raise SystemExit(
+            f"{not_tiny}: the long and bigvocab workloads exist for --preset small only"
+        )
     settings = harness.Settings(
-        preset=args.preset or ("tiny" if args.quick else "small"),
+        preset=preset,
         pairs=args.pairs,
         warmup=args.warmup if args.warmup is not None else 1,
-        steps=args.steps if args.steps is not None else (2 if args.quick else 3),
-        probe_steps=1 if args.quick else 2,
+        steps=args.steps if args.steps is not None else 2,
+        probe_steps=1,
         threads=args.threads,
         device=args.device,
         select=args.select or ("fixed" if args.quick else "probe"),
         probe_only=tuple(c.strip() for c in args.probe.split(",") if c.strip()),
     )
     started = time.perf_counter()
-    if args.cases is None:  # a full run: no record of an earlier run survives
+    # A full run (not --quick, no --cases) starts the results file afresh: no record of an
+    # earlier run survives. A quick or partial run replaces only the records of its cases.
+    full = args.cases is None and not args.quick
+    if full:
         report.LATEST.unlink(missing_ok=True)
     peaks = {
         dtype: mfu.measure_peak(dtype, settings.threads, device=settings.device)
@@ -98,7 +116,7 @@ def main() -> None:
         "matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
         flush=True,
     )
-    if args.cases is None:  # date, machine and versions of the run the README table quotes
+    if full:  # date, machine and versions of the run the README table quotes
         report.RUN_INFO.parent.mkdir(parents=True, exist_ok=True)
         report.RUN_INFO.write_text(json.dumps(report.run_info(settings.threads, peaks), indent=1))
     done, timings = [], {}

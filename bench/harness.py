@@ -102,24 +102,26 @@ CASES = {
     # 8 prompts x 8 samples, 32 new tokens, beta=0, one optimisation pass (posttrain_runner.py).
     # Lower is better, so the ratio is TRL's seconds per step over posttrain's.
     "grpo": Case("grpo", "seconds_per_step", "rl_data", batch=8, lr=1e-6, target=3.0,
-                 posttrain_configs=PRECISION, trl_configs=TRL_PRECISION),
+                 posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, steps=1),
     # Long workload: short prompts, 100-500 token responses (bench/fixtures.py).
     "sft_long": trainer_case("sft", "long", 8, 2, target=1.3, max_length=MAX_LENGTH_LONG),
     "dpo_long": trainer_case("dpo", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
     "rm_long": trainer_case("rm", "long", 4, 1, target=1.5, max_length=MAX_LENGTH_LONG),
-    "grpo_long": Case("grpo", "seconds_per_step", "rl_long_data", batch=8, lr=1e-6, target=3.0,
+    # 4 prompts x 8 samples (not the 8 x 8): 8 x 8 x 256 tokens alone would take ~10 of
+    # make bench's 40 minutes on 2 cores (about 30 s posttrain + 70 s TRL per pair run).
+    "grpo_long": Case("grpo", "seconds_per_step", "rl_long_data", batch=4, lr=1e-6, target=3.0,
                       workload="long", record="grpo_long", max_length=64, new_tokens=256,
                       posttrain_configs=PRECISION, trl_configs=TRL_PRECISION, warmup=0, steps=1),
     # Real vocabulary (151,936): 1,024-token sequences; memory is the point (rss_target).
-    "sft_bigvocab": Case("sft", "trained_tokens_per_s", "sft_bigvocab_data", batch=2, lr=1e-4,
+    "sft_bigvocab": Case("sft", "trained_tokens_per_s", "sft_bigvocab_data", batch=1, lr=1e-4,
                          target=1.0, rss_target=2.0, workload="bigvocab", record="sft_bigvocab",
                          model="bigvocab_model", max_length=MAX_LENGTH_BIG, warmup=1, steps=1,
                          posttrain_configs=[{"data.packing": True, **PRECISION[0]}],
                          trl_configs=[{"bf16": True, "padding_free": True}]),
     "grpo_bigvocab": Case("grpo", "seconds_per_step", "rl_bigvocab_data", batch=1, lr=1e-6,
                           target=1.0, rss_target=2.0, workload="bigvocab", record="grpo_bigvocab",
-                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 256,
-                          generations=2, new_tokens=256, warmup=0, steps=1,
+                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 128,
+                          generations=2, new_tokens=128, warmup=0, steps=1,
                           posttrain_configs=PRECISION[:1], trl_configs=TRL_PRECISION[:1]),
 }  # fmt: skip
 # The largest relative difference in generated tokens per GRPO step between the two sides.
@@ -130,9 +132,9 @@ GRPO_TOKEN_TOLERANCE = 0.05
 class Settings:
     preset: str = "small"
     pairs: int = 5
-    warmup: int = 2  # untimed steps at the start of every run
-    steps: int = 8  # timed steps per run
-    probe_steps: int = 3  # timed steps of a configuration probe
+    warmup: int = 1  # untimed steps at the start of every run
+    steps: int = 2  # timed steps per run
+    probe_steps: int = 1  # timed steps of a configuration probe
     threads: int = 2
     device: str = "cpu"
     select: str = "probe"  # probe | fixed

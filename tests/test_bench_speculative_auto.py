@@ -79,3 +79,12 @@ def test_auto_without_heads_decodes_plainly(model_and_tokenizer, capsys):
     assert "no MTP heads" in capsys.readouterr().out
     with pytest.raises(ValueError, match="none, mtp or auto"):
         SamplingParams(speculative="sometimes")
+
+
+def test_calibrate_break_even_returns_a_measured_batch(model_and_tokenizer):
+    from posttrain.rollout.speculative import calibrate_break_even
+
+    model, tokenizer = model_and_tokenizer
+    engine = RolloutEngine(model, tokenizer, mtp_heads=heads_for(model))
+    found = calibrate_break_even(engine, PROMPTS, max_new_tokens=4, batches=(1, 2))
+    assert found in (1, 2, 4)  # a measured batch, or twice the largest when it always wins

@@ -21,7 +21,8 @@ Every online trainer and `posttrain eval` get samples here; nobody else calls
 With `SamplingParams(speculative="mtp")` and the model's MTP heads, a chunk is decoded by
 self-speculation instead (speculative.py): the heads draft K tokens, one forward of the main
 model verifies them, and the output is the main model's (same greedy tokens, same sampling
-distribution, same log-probs).
+distribution, same log-probs). `speculative="auto"` does so only for chunks with fewer rows than
+`speculative_break_even`, where it is faster, and decodes plainly otherwise (one notice).
 
 Log-probs are those of the sampled tokens under softmax(logits / T) before top-k / top-p
 (sampling.py), the quantity `sequence_logprobs` recomputes by teacher forcing.
