@@ -3,12 +3,21 @@ loaded back through from_pretrained, exactly as a user's checkpoint would be."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenised-data caches of the tests' runs (and of the CLI processes they start) go to a
+# directory of this session, not the user's ~/.cache, and are removed at exit.
+if "HF_DATASETS_CACHE" not in os.environ:
+    _datasets_cache = tempfile.mkdtemp(prefix="posttrain-tests-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _datasets_cache
+    atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
