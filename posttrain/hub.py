@@ -36,17 +36,21 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-@functools.cache
-def unreachable_reason() -> str | None:
-    """Why the hub endpoint cannot be reached (one short TCP connect, once per process), or
-    None when it can."""
-    url = urlparse(endpoint())
-    port = url.port or (443 if url.scheme == "https" else 80)
+def reach_error(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why `url`'s host cannot be reached (one short TCP connect), or None when it can."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
             return None
     except OSError as e:
-        return f"cannot reach {endpoint()} ({e.strerror or e})"
+        return f"cannot reach {url} ({e.strerror or e})"
+
+
+@functools.cache
+def unreachable_reason() -> str | None:
+    """Why the hub endpoint cannot be reached (checked once per process), or None when it can."""
+    return reach_error(endpoint())
 
 
 def require_hub(name: str, what: str, error: type[Exception]) -> None:

@@ -27,7 +27,7 @@ from posttrain.data.chat import (
     require_template,
 )
 from posttrain.data.loading import DataError, Source, load_rows
-from posttrain.data.tokenized import MapOptions, encode_rows, encoded_chunks, mixed
+from posttrain.data.tokenized import MapOptions, as_sources, encode_rows, encoded_chunks, mixed
 
 FORMATS = ("messages", "prompt_completion", "text")
 FORMAT_COLUMNS = {
@@ -233,7 +233,7 @@ def encode_sft_file(
 ) -> EncodedData:
     """Load and tokenize SFT data (one source, or a mixture of several); rows with no target
     tokens are skipped and counted."""
-    sources = [s if isinstance(s, Source) else Source(str(s)) for s in _as_list(path)]
+    sources = as_sources(path)
     parts, truncated, skipped = [], 0, 0
     for source in sources:
         examples, cut, skip = _encode_sft_source(
@@ -243,7 +243,3 @@ def encode_sft_file(
         truncated += cut
         skipped += skip
     return EncodedData(mixed(parts, sources, options.seed), truncated, skipped)
-
-
-def _as_list(path) -> list:
-    return path if isinstance(path, list) else [path]

@@ -20,7 +20,14 @@ from posttrain.data.batches import PreferenceBatch
 from posttrain.data.collate import IGNORE, shifted_labels
 from posttrain.data.encoding import encode_prompt_completion, row_tools
 from posttrain.data.loading import DataError, Source, load_rows, require_columns
-from posttrain.data.tokenized import MapOptions, encode_rows, encoded_chunks, mixed
+from posttrain.data.tokenized import (
+    MapOptions,
+    as_sources,
+    encode_rows,
+    encoded_chunks,
+    mixed,
+    summed_skips,
+)
 
 REQUIRED = ["prompt", "chosen", "rejected"]
 
@@ -161,10 +168,9 @@ def encode_preference_file(
     options: MapOptions = MapOptions(),
 ) -> PreferenceData:
     """Preference pairs from one source or a weighted mixture (data/sources.py)."""
-    paths = path if isinstance(path, list) else [path]
-    sources = [s if isinstance(s, Source) else Source(str(s)) for s in paths]
+    sources = as_sources(path)
     parts = [_encode_source(tokenizer, s, max_length, limit, options) for s in sources]
-    skipped = {k: sum(p.skipped[k] for p in parts) for k in parts[0].skipped}
+    skipped = summed_skips(parts)
     return PreferenceData(
         mixed([p.examples for p in parts], sources, options.seed),
         any(p.has_margin for p in parts),

@@ -137,6 +137,17 @@ def encoded_chunks(rows: datasets.Dataset, encode: Callable, limit: int | None):
     yield encode(rows.select(range(limit, len(rows))), limit)
 
 
+def as_sources(path: str | Source | list[Source]) -> list[Source]:
+    """A data argument (a path, a Source, or a mixture's list of them) as a list of Sources."""
+    paths = path if isinstance(path, list) else [path]
+    return [p if isinstance(p, Source) else Source(str(p)) for p in paths]
+
+
+def summed_skips(parts: list) -> dict[str, int]:
+    """The per-reason skip counts of several encoded sources, added up."""
+    return {k: sum(p.skipped[k] for p in parts) for k in parts[0].skipped}
+
+
 def mixed(per_source: list[list], sources: list[Source], seed: int) -> list:
     """The examples of several sources interleaved as loading.mix does (seeded, weighted)."""
     if len(per_source) == 1:

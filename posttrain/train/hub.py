@@ -8,25 +8,16 @@ then fail to upload stops at once with one line instead.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from posttrain.errors import UserError
+from posttrain.hub import offline, reach_error
 
 CONNECT_TIMEOUT_S = 5.0
 
 
 class HubError(UserError, RuntimeError):
     """push_to_hub cannot work here (offline, no token, no network, rejected upload)."""
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    truthy = {"1", "on", "yes", "true"}
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
 
 
 def check_hub_ready(train_cfg) -> None:
@@ -38,7 +29,7 @@ def check_hub_ready(train_cfg) -> None:
         raise HubError(
             f"train.push_to_hub=true needs train.hub_model_id as 'user/name' (got {repo!r})"
         )
-    if _offline():
+    if offline():
         raise HubError(
             f"train.push_to_hub=true (to {repo}) but HF_HUB_OFFLINE is set: unset it or set "
             "train.push_to_hub=false"
@@ -50,15 +41,9 @@ def check_hub_ready(train_cfg) -> None:
             f"train.push_to_hub=true (to {repo}) but no Hugging Face token: run `hf auth login` "
             "or set HF_TOKEN"
         )
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise HubError(
-            f"train.push_to_hub=true (to {repo}) but {constants.ENDPOINT} cannot be reached "
-            f"({e.strerror or e}): no network?"
-        ) from None
+    problem = reach_error(constants.ENDPOINT, CONNECT_TIMEOUT_S)
+    if problem is not None:
+        raise HubError(f"train.push_to_hub=true (to {repo}) but {problem}: no network?")
 
 
 def push_final(train_cfg, final_dir: Path) -> str:
