@@ -213,6 +213,30 @@ def test_dpo_sequence_logprobs_equal(family_model, family):
     compare(model, compute, chunk=3)
 
 
+def test_packed_dpo_logprobs_equal(family_model, tmp_path):
+    """The prefix-shared packed preference batch (dpo/kto data.packing) through the head."""
+    from posttrain.data.preference import encode_preference_file
+    from posttrain.data.preference_packing import packed_preference_collate
+    from posttrain.models.tokenizer import build_tokenizer
+
+    rows = [
+        {"prompt": "What is 41 + 44?", "chosen": "85", "rejected": "86 or so"},
+        {"prompt": "a long preamble, then 12 + 30", "chosen": "42", "rejected": "a long answer"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = build_tokenizer(vocab_size=512)
+    examples = encode_preference_file(tok, str(path), max_length=64).examples
+    batch = packed_preference_collate(examples, tok.pad_token_id, 64)
+    model = family_model("gemma2-softcap")
+
+    def compute(m):
+        sums, counts = completion_logps(m, batch)
+        return [sums, counts], (sums * torch.tensor([1.0, -2.0, 0.5, 0.3])).sum()
+
+    compare(model, compute, chunk=3)
+
+
 # ---- the start-up gate -----------------------------------------------------------------------
 
 
