@@ -37,9 +37,10 @@ TOL = 1e-5
 # ---- pure torch ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["recompute", "grads-in-forward"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_pure_chunked_equals_plain(softcap, chunk):
+def test_pure_chunked_equals_plain(softcap, chunk, eager):
     torch.manual_seed(0)
     n, hidden_size, vocab = 13, 8, 11
     head = torch.nn.Linear(hidden_size, vocab, bias=True)
@@ -59,7 +60,8 @@ def test_pure_chunked_equals_plain(softcap, chunk):
         h = h0.clone().requires_grad_(True)
         if chunked:
             lp, ent = chunked_token_logprobs(h, logits_of, targets, chunk, 0.7, True)
-            ce, units, hits = chunked_cross_entropy(h, logits_of, labels, chunk)
+            params = list(head.parameters()) if eager else ()
+            ce, units, hits = chunked_cross_entropy(h, logits_of, labels, chunk, params=params)
         else:
             logp = (logits_of(h) / 0.7).log_softmax(-1)
             lp = logp.gather(-1, targets[:, None]).squeeze(-1)

@@ -4,7 +4,8 @@
 DDP / peft / autocast wrappers, so hooks, MoE router losses and gradient sync behave as
 always) with `logits_to_keep` set to no position, the final hidden states are read by a
 forward hook on the base transformer, and posttrain/losses/chunked_ce.py applies the LM head
-`chunk` tokens at a time (checkpointed, so backward recomputes each chunk too), on the
+`chunk` tokens at a time (backward recomputes each chunk, or for SFT's summed loss the
+gradients are taken chunk by chunk in the forward), on the
 positions that carry a loss only. The default (-1, auto) is on, 512 tokens a chunk, for
 vocabularies of at least 32,768 tokens, where the full float32 logits dominate memory, and off
 below, where they are small. Measured (README, Performance): one SFT step at the small preset's
@@ -109,6 +110,13 @@ def head_function(model, plan: HeadPlan) -> Callable[[Tensor], Tensor]:
         return logits
 
     return logits_of
+
+
+def head_parameters(model) -> list[Tensor]:
+    """The trainable parameters the LM head module uses (a LoRA head: its adapter; tied: the
+    embedding matrix)."""
+    head = unwrap_model(model).get_output_embeddings()
+    return [p for p in head.parameters() if p.requires_grad]
 
 
 @contextlib.contextmanager
