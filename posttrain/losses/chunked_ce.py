@@ -153,7 +153,7 @@ class _CrossEntropyGrads(torch.autograd.Function):
             grad_hidden[start : start + step] = grads[0]
             for i, g in enumerate(grads[1:]):
                 if g is not None:
-                    grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
         ctx.param_has_grad = [g is not None for g in grad_params]
         ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
         ctx.mark_non_differentiable(correct)
