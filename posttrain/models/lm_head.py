@@ -5,12 +5,13 @@ DDP / peft / autocast wrappers, so hooks, MoE router losses and gradient sync be
 always) with `logits_to_keep` set to no position, the final hidden states are read by a
 forward hook on the base transformer, and posttrain/losses/chunked_ce.py applies the LM head
 `chunk` tokens at a time (backward recomputes each chunk, or for SFT's summed loss the
-gradients are taken chunk by chunk in the forward), on the
-positions that carry a loss only. The default (-1, auto) is on, 512 tokens a chunk, for
+gradients are taken chunk by chunk in the forward), on the positions that carry a loss only.
+The default (-1, auto) is on, 256 tokens a chunk, for
 vocabularies of at least 32,768 tokens, where the full float32 logits dominate memory, and off
 below, where they are small. Measured (README, Performance): one SFT step at the small preset's
-width with vocabulary 151,936, batch 4 × 1,024 tokens, peaked at 10,848 MiB RSS unchunked,
-5,911 MiB with 1,024-token chunks and 5,019 MiB with 512-token chunks.
+width with vocabulary 151,936, batch 4 × 1,024 tokens, peaked at 10,897 MiB RSS unchunked and
+4,972 MiB with 256-token chunks, in about the same time (62-68 s vs 51-56 s per step on a
+shared 2-core machine).
 
 A fast path proves it applies (STYLE.md): `configure` steps aside, with a one-line notice, for
 a model whose forward takes no `logits_to_keep`, has no output-embedding module, post-processes
@@ -40,7 +41,7 @@ from posttrain.models.sharding import is_sharded
 from posttrain.utils import unwrap_model
 
 AUTO_MIN_VOCAB = 32_768  # auto turns chunking on from this vocabulary size
-AUTO_CHUNK = 512  # tokens per chunk under auto: (512, V) float32 is 0.3 GB at V = 151,936
+AUTO_CHUNK = 256  # tokens per chunk under auto: (256, V) float32 is 156 MB at V = 151,936
 NAME = "chunked lm_head (model.logit_chunk_tokens)"
 
 
