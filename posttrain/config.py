@@ -142,7 +142,7 @@ class ModelConfig:
     """Mixture-of-experts router losses and balancing (ignored for dense models)."""
     logit_chunk_tokens: Annotated[int, Range(ge=-1)] = -1
     """Tokens per chunk of the LM head in loss and log-prob passes, so the full (batch, length,
-    vocab) logits never exist: 0 off, -1 auto (1024 when vocab >= 32,768, else off)."""
+    vocab) logits never exist: 0 off, -1 auto (256 when vocab >= 32,768, else off)."""
 
 
 @dataclass

@@ -37,9 +37,10 @@ TOL = 1e-5
 # ---- pure torch ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["recompute", "grads-in-forward"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_pure_chunked_equals_plain(softcap, chunk):
+def test_pure_chunked_equals_plain(softcap, chunk, eager):
     torch.manual_seed(0)
     n, hidden_size, vocab = 13, 8, 11
     head = torch.nn.Linear(hidden_size, vocab, bias=True)
@@ -59,7 +60,8 @@ def test_pure_chunked_equals_plain(softcap, chunk):
         h = h0.clone().requires_grad_(True)
         if chunked:
             lp, ent = chunked_token_logprobs(h, logits_of, targets, chunk, 0.7, True)
-            ce, units, hits = chunked_cross_entropy(h, logits_of, labels, chunk)
+            params = list(head.parameters()) if eager else ()
+            ce, units, hits = chunked_cross_entropy(h, logits_of, labels, chunk, params=params)
         else:
             logp = (logits_of(h) / 0.7).log_softmax(-1)
             lp = logp.gather(-1, targets[:, None]).squeeze(-1)
@@ -213,6 +215,30 @@ def test_dpo_sequence_logprobs_equal(family_model, family):
     compare(model, compute, chunk=3)
 
 
+def test_packed_dpo_logprobs_equal(family_model, tmp_path):
+    """The prefix-shared packed preference batch (dpo/kto data.packing) through the head."""
+    from posttrain.data.preference import encode_preference_file
+    from posttrain.data.preference_packing import packed_preference_collate
+    from posttrain.models.tokenizer import build_tokenizer
+
+    rows = [
+        {"prompt": "What is 41 + 44?", "chosen": "85", "rejected": "86 or so"},
+        {"prompt": "a long preamble, then 12 + 30", "chosen": "42", "rejected": "a long answer"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = build_tokenizer(vocab_size=512)
+    examples = encode_preference_file(tok, str(path), max_length=64).examples
+    batch = packed_preference_collate(examples, tok.pad_token_id, 64)
+    model = family_model("gemma2-softcap")
+
+    def compute(m):
+        sums, counts = completion_logps(m, batch)
+        return [sums, counts], (sums * torch.tensor([1.0, -2.0, 0.5, 0.3])).sum()
+
+    compare(model, compute, chunk=3)
+
+
 # ---- the start-up gate -----------------------------------------------------------------------
 
 
@@ -307,8 +333,8 @@ def test_no_full_logits_tensor(family_model):
         logp, entropy = sequence_logprobs(model, *rows, 0.7, return_entropy=True)
         return logp.sum() + entropy.sum()
 
+    assert peak(0, sft) >= sft_rows  # the watcher sees the plain path's logits
     for compute, positions in ((sft, sft_rows), (rollout, rollout_positions)):
-        assert peak(0, compute) >= positions  # the watcher sees the plain path's logits
         # chunked: a few (chunk, V) tensors at a time (logits, tempered, log-softmax, exp,
         # gradients), not one per position
         assert peak(2, compute) <= 6 * 2 < positions / 2
@@ -372,3 +398,30 @@ def test_grpo_run_chunked_equals_plain(tiny_model_dir, arithmetic_dir, tmp_path)
         runs[chunk] = losses(out)
     assert len(runs[0]) == 3
     assert runs[8] == pytest.approx(runs[0], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config_name, model_name, scaling",
+    [
+        ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+        ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    ],
+)
+def test_scaled_logits_are_reproduced(config_name, model_name, scaling):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the
+    gate proves the chunked head reproduces both, and the log-probs and gradients agree."""
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, **scaling,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    rows = rollout_rows(config.vocab_size)
+
+    def compute(m):
+        logp = sequence_logprobs(m, *rows, 0.9)
+        return [logp], logp.sum()
+
+    compare(model, compute, chunk=4)

@@ -43,7 +43,9 @@ PER_ALGORITHM = {
     "sft": {
         "data.format": "read per row only when it is not auto",
     },
-    "rm": {},
+    "rm": {
+        "model.logit_chunk_tokens": "rm has a scalar head: there are no vocabulary logits",
+    },
     "dpo": {
         "dpo.label_smoothing": "read only by loss_types cdpo and robust",
         "dpo.gamma": "read only by loss_type simpo",

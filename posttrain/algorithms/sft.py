@@ -28,7 +28,13 @@ from posttrain.models.attention_support import (
     profile,
     sft_packing,
 )
-from posttrain.models.lm_head import configure, final_hidden, head_function, plan_of
+from posttrain.models.lm_head import (
+    configure,
+    final_hidden,
+    head_function,
+    head_parameters,
+    plan_of,
+)
 from posttrain.models.loading import apply_lora
 from posttrain.models.mtp import MTPCausalLM, build_heads, save_heads
 
@@ -59,7 +65,7 @@ def chunked_loss(model, batch, plan) -> LossOutput:
     valid = batch.labels != -100  # (B, T)
     head = head_function(model, plan)
     total, units, correct = chunked_cross_entropy(
-        hidden[valid], head, batch.labels[valid], plan.chunk
+        hidden[valid], head, batch.labels[valid], plan.chunk, params=head_parameters(model)
     )
     return LossOutput(total, units, {"token_accuracy": correct.float() / units.clamp(min=1)})
 
