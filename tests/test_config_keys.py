@@ -43,9 +43,7 @@ PER_ALGORITHM = {
     "sft": {
         "data.format": "read per row only when it is not auto",
     },
-    "rm": {
-        "model.logit_chunk_tokens": "rm has a scalar head: there are no vocabulary logits",
-    },
+    "rm": {},
     "dpo": {
         "dpo.label_smoothing": "read only by loss_types cdpo and robust",
         "dpo.gamma": "read only by loss_type simpo",

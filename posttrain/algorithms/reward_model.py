@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from posttrain.algorithms.base import OfflineAlgorithm
-from posttrain.config import BaseRecipe, NonNegativeFloat
+from posttrain.config import BaseRecipe, NonNegativeFloat, reject_unused
 from posttrain.data.preference import encode_preference_file, log_data
 from posttrain.data.preference_packing import (
     PackedPreferenceBatch,
@@ -81,6 +81,11 @@ class RewardModel(OfflineAlgorithm):
 
     def setup(self, accelerator: Accelerator) -> torch.nn.Module:
         cfg = self.cfg
+        reject_unused(
+            cfg,
+            "rm",
+            {"model.logit_chunk_tokens": "a reward model has a scalar head, no vocabulary logits"},
+        )
         self.tokenizer = self.load_tokenizer()
         model = self.load_model(load_sequence_classifier, self.tokenizer.pad_token_id)
         check_packing_supported(cfg, model, accelerator.print)
