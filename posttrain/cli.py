@@ -427,7 +427,10 @@ def plot_cmd(
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Working directory for the demo.")] = Path("demo_out"),
     stages: Annotated[
-        str, typer.Option(help="Comma-separated, from sft, rm, dpo, grpo, gspo, kimi, ppo, ppo_rm.")
+        str,
+        typer.Option(
+            help="Comma-separated, from sft, rm, dpo, grpo, gspo, kimi, ppo, ppo_rm, tools."
+        ),
     ] = "sft,grpo",
     threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
 ) -> None:

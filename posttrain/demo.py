@@ -175,6 +175,43 @@ def policy_stage(
     return stage
 
 
+def stage_tools(ctx: DemoContext) -> dict:
+    """Multi-turn tool use (posttrain/envs): a weak tool-use SFT on the multiplication task,
+    then GRPO in the `tools` environment with the calculator; held-out greedy exact match of
+    the whole conversation's last turn, measured as the recipe runs it (same turns, budget)."""
+    from posttrain.config import read_yaml
+    from posttrain.data.tools import make_tools
+    from posttrain.envs.rollouts import evaluate_in_environment
+
+    make_tools(ctx.data)
+    recipe = read_yaml(recipe_path("grpo_tiny_tools.yaml"))["grpo"]
+
+    def accuracy(model_dir: Path) -> float:
+        return evaluate_in_environment(
+            str(model_dir),
+            str(ctx.data / "tools_rl_test.jsonl"),
+            recipe["environment"],
+            recipe["tools"],
+            recipe["max_new_tokens"],
+            recipe["max_turns"],
+        )["accuracy"]
+
+    weak, sft_seconds = train_stage(
+        ctx, "sft", "sft_tiny_tools_weak.yaml", ctx.base_model, "sft-tools-weak"
+    )
+    before = accuracy(weak.final_dir)
+    result, seconds = train_stage(ctx, "grpo", "grpo_tiny_tools.yaml", weak.final_dir, "tools")
+    return {
+        "stage": "tools",
+        "metric": "held-out greedy exact match, multi-turn with the calculator tool",
+        "accuracy_before": before,
+        "accuracy_after": accuracy(result.final_dir),
+        "sft_seconds": sft_seconds,
+        "train_seconds": seconds,
+        "model": str(result.final_dir),
+    }
+
+
 def scored_by_demo_reward_model(ctx: DemoContext) -> list[str]:
     """PPO's only reward: the reward model the rm stage trained (RLHF end to end)."""
     return [f"ppo.rewards=[{{name: reward_model, params: {{path: {ctx.reward_model}}}}}]"]
@@ -188,6 +225,7 @@ STAGES: dict[str, Callable[[DemoContext], dict]] = {
     "gspo": policy_stage("gspo", "grpo", "grpo_tiny_gspo.yaml"),
     "kimi": policy_stage("kimi", "kimi", "kimi_tiny.yaml"),
     "ppo": policy_stage("ppo", "ppo", "ppo_tiny.yaml"),
+    "tools": stage_tools,
     # needs stage rm before it
     "ppo_rm": policy_stage("ppo_rm", "ppo", "ppo_tiny_rm.yaml", scored_by_demo_reward_model),
 }

@@ -16,19 +16,6 @@ from posttrain.algorithms.ppo_rollout import estimate_advantages
 from posttrain.data.tools import format_tool_call
 
 
-class ChattyEnv:
-    """Answers every turn until max_turns cuts the episode; rewards long first turns a bit."""
-
-    def reset(self, row):
-        self.turn = 0
-        return row["prompt"]
-
-    def step(self, message):
-        self.turn += 1
-        reward = 0.1 * min(len(message["content"]), 10) if self.turn == 1 else None
-        return [{"role": "user", "content": f"and then {self.turn}?"}], reward, False
-
-
 @pytest.fixture(scope="module")
 def chatty_model(tiny_model_dir, tmp_path_factory):
     """The tiny model with many ids as EOS in its generation config, so a random model's turns
@@ -58,7 +45,7 @@ def test_trainers_learn_from_multi_turn_rollouts(chatty_model, arithmetic_dir, t
     algorithm, recipe, extra = CASES[case]
     section = algorithm
     sizes = (
-        {"ppo.prompts_per_rollout": 4, "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 8}
+        {"ppo.prompts_per_rollout": 4, "ppo.samples_per_prompt": 2}
         if algorithm == "ppo"
         else {f"{section}.prompts_per_step": 4, f"{section}.num_generations": 2}
     )
@@ -74,7 +61,7 @@ def test_trainers_learn_from_multi_turn_rollouts(chatty_model, arithmetic_dir, t
         "train.eval_every": 2,
         "logging.log_every": 1,
         "logging.progress": False,
-        f"{section}.environment": "tests.test_multiturn_rl:ChattyEnv",
+        f"{section}.environment": "tests.multiturn_envs:ChattyEnv",
         f"{section}.max_turns": 3,
         f"{section}.max_new_tokens": 8,
         f"{section}.rewards": "[]",
@@ -161,3 +148,14 @@ def test_ppo_gae_runs_over_the_sampled_tokens_only():
         torch.testing.assert_close(pack(h)[packed.bool()], p[packed.bool()])
         assert (h[~holed.bool()] == 0).all()
     assert metrics_h == pytest.approx(metrics_p)
+
+
+@pytest.mark.slow
+def test_demo_tools_stage_gains_15_points(tmp_path):
+    """The demo's `tools` stage: weak tool-use SFT, then GRPO in the calculator environment."""
+    result = run_cli("demo", "--out", str(tmp_path), "--stages", "tools", timeout=3600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert record["stage"] == "tools"
+    assert record["accuracy_after"] - record["accuracy_before"] >= 0.15, record
+    assert record["train_seconds"] <= 600, record

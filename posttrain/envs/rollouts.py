@@ -114,3 +114,28 @@ def environment_accuracy(
     right = [is_correct(t, row.get("answer")) for t, row in zip(rollout.texts, rows)]
     metrics = runner.metrics(sessions)
     return {"accuracy": sum(right) / max(len(right), 1), "n": len(right), **metrics}
+
+
+def evaluate_in_environment(
+    model_dir: str,
+    data_path: str,
+    environment: str = "tools",
+    tools: list[str] = ("calculator",),
+    max_new_tokens: int = 80,
+    max_turns: int = 3,
+    limit: int | None = None,
+) -> dict:
+    """Greedy multi-turn exact match of a saved model on prompt/answer rows (the demo's `tools`
+    stage measures with this)."""
+    from posttrain.config import ModelConfig
+    from posttrain.data.loading import load_rows
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, False)
+    model = load_causal_lm(ModelConfig(name_or_path=model_dir))
+    rows = [dict(r) for r in load_rows(data_path)]
+    rows = rows[:limit] if limit else rows
+    runner = EnvRunner(environment, tokenizer, tools=list(tools))
+    return environment_accuracy(
+        model, tokenizer, runner, rows, max_new_tokens, max_turns, data_path
+    )

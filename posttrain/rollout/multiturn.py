@@ -169,6 +169,8 @@ class MultiTurnDriver:
             if self.reuse_cache:
                 cache.batch_select_indices(index)
                 logits, full_mask, positions = logits[index], full_mask[index], positions[index]
+                if not any(blocks):  # nothing to append: every row goes on from its logits
+                    continue
                 block_ids, block_mask = left_pad(blocks, self.pad_id, device)  # (A, W)
                 block_positions = positions[:, None] + position_ids_from_mask(block_mask)
                 full_mask = torch.cat([full_mask, block_mask], dim=1)
