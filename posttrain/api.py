@@ -250,10 +250,13 @@ def _named_rewards(funcs) -> dict[str, Callable]:
 
 
 def _rewards_section(cfg):
-    """The recipe section that holds `rewards` (grpo, kimi, ppo), or None."""
+    """The online-RL section whose `rewards` shape the training signal (grpo, kimi, ppo), or
+    None. (The `evaluation` section has `rewards` too, but those only measure.)"""
+    from posttrain.algorithms.rl_common import OnlineRLSettings
+
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
-        if hasattr(section, "rewards"):
+        if isinstance(section, OnlineRLSettings):
             return section
     return None
 
