@@ -283,3 +283,5 @@ def test_sft_trains_on_a_glob_split_mixture(tiny_model_dir, arithmetic_dir, hub_
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "eval/loss" in records[-1]
     assert (out / "final" / "config.json").is_file()
+    card = (out / "final" / "README.md").read_text()  # the model card lists both sources
+    assert card.count("- **train data**") == 2 and "weight 0.5" in card

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import to_dict
+from posttrain.data.sources import eval_source, train_sources
 
 
 def _is_hub_id(name: str) -> bool:
@@ -20,6 +21,25 @@ def _is_hub_id(name: str) -> bool:
 def _base_model(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _data_lines(data) -> list[str]:
+    """One line per data source: path (absolute when local), split and subset when set, and
+    the share of a mixture."""
+    sources = [("train", s) for s in train_sources(data)]
+    held_out = eval_source(data)
+    if held_out is not None:
+        sources.append(("eval", held_out))
+    total = sum(s.weight for kind, s in sources if kind == "train")
+    lines = []
+    for kind, source in sources:
+        details = [f"split `{source.split}`"] if source.split else []
+        details += [f"subset `{source.subset}`"] if source.subset else []
+        if kind == "train" and len(sources) > 1 + (held_out is not None):
+            details.append(f"weight {source.weight / total:.2g}")
+        suffix = f" ({', '.join(details)})" if details else ""
+        lines.append(f"- **{kind} data**: `{_base_model(source.path)}`{suffix}")
+    return lines
 
 
 def _number(value) -> str:
@@ -35,7 +55,6 @@ def model_card(cfg, algorithm: str, steps: int, metrics: dict | None) -> str:
     if _is_hub_id(cfg.model.name_or_path):
         header["base_model"] = cfg.model.name_or_path
     adapter = cfg.model.lora.r > 0
-    data = [("train", cfg.data.train_path), ("eval", cfg.data.eval_path)]
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).strip(),
@@ -48,7 +67,7 @@ def model_card(cfg, algorithm: str, steps: int, metrics: dict | None) -> str:
         f"- **Base model**: `{base}`",
         f"- **Algorithm**: `{algorithm}`"
         + (f" (LoRA adapter, r={cfg.model.lora.r})" if adapter else ""),
-        *[f"- **{kind} data**: `{_base_model(path)}`" for kind, path in data if path],
+        *_data_lines(cfg.data),
         "",
         "## Final metrics",
         "",
