@@ -138,7 +138,7 @@ def test_fsdp2_hf_checkpoints_and_sharded_evaluation(
     from posttrain.config import RewardFunctionConfig
     from posttrain.evaluation import evaluate_model
 
-    (tmp_path / "length_reward.py").write_text(
+    (tmp_path / "outputs_length_reward.py").write_text(
         "def length(prompts, completions, answer, **columns):\n"
         "    return [len(c) / 10 + float(a) / 100 for c, a in zip(completions, answer)]\n"
     )
@@ -161,7 +161,7 @@ def test_fsdp2_hf_checkpoints_and_sharded_evaluation(
         "logging.log_every=1",
         "logging.progress=false",
         "evaluation.metric=reward",
-        "evaluation.rewards=[{name: 'length_reward:length'}]",
+        "evaluation.rewards=[{name: 'outputs_length_reward:length'}]",
         "evaluation.max_new_tokens=4",
         env={"PYTHONPATH": pythonpath},
     )
@@ -180,7 +180,7 @@ def test_fsdp2_hf_checkpoints_and_sharded_evaluation(
         4,
         limit=7,
         metric="reward",
-        rewards=[RewardFunctionConfig(name="length_reward:length")],
+        rewards=[RewardFunctionConfig(name="outputs_length_reward:length")],
     )
     assert single["reward"] > 0 and single["n"] == 7
     assert last["eval/reward"] == pytest.approx(single["reward"], abs=1e-6)

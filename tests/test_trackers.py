@@ -91,7 +91,7 @@ def test_grpo_writes_samples_with_their_rewards(
 ):
     need("tensorboard")
     # the random tiny model writes no digits: a length reward gives rewards that differ
-    (tmp_path / "length_reward.py").write_text(
+    (tmp_path / "trackers_length_reward.py").write_text(
         "def chars(prompts, completions, **columns):\n"
         "    return [len(c) / 10 for c in completions]\n"
     )
@@ -111,7 +111,7 @@ def test_grpo_writes_samples_with_their_rewards(
         "grpo.prompts_per_step": 4,
         "grpo.num_generations": 4,
         "grpo.max_new_tokens": 6,
-        "grpo.rewards": "[{name: accuracy}, {name: 'length_reward:chars', weight: 0.5}]",
+        "grpo.rewards": "[{name: accuracy}, {name: 'trackers_length_reward:chars', weight: 0.5}]",
         "logging.log_every": 1,
         "logging.progress": False,
         "logging.samples_every": 2,
@@ -135,7 +135,7 @@ def test_grpo_writes_samples_with_their_rewards(
         acc = BUILTIN_REWARDS["accuracy"]([row["prompt"]], [row["completion"]], answer=answer)[0]
         chars = len(row["completion"]) / 10
         assert row["reward/accuracy"] == acc
-        assert row["reward/length_reward:chars"] == pytest.approx(chars)
+        assert row["reward/trackers_length_reward:chars"] == pytest.approx(chars)
         assert row["reward"] == pytest.approx(acc + 0.5 * chars)
         assert row["length"] >= 1 and isinstance(row["truncated"], bool)
     assert any(r["reward"] > 0 for r in rows), "all rewards 0: the check above proves nothing"
