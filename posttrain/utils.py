@@ -6,6 +6,8 @@ This module sits at the bottom of the import graph: it imports torch only, so `m
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -62,3 +64,19 @@ def eos_ids(model, tokenizer) -> list[int]:
             continue
         ids.update([source] if isinstance(source, int) else as_token_list(source))
     return sorted(ids)
+
+
+def resolve_named(name: str, builtins: dict, what: str, form: str, error: type[Exception]):
+    """A built-in by name, or `module:attribute` imported from sys.path (recipes name tools and
+    environments this way, as they name reward functions). Errors are one `error` line."""
+    if ":" not in name:
+        if name in builtins:
+            return builtins[name]
+        raise error(f"unknown {what} {name!r}: expected one of {sorted(builtins)} or '{form}'")
+    module_name, _, attribute = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except Exception as failure:  # missing module or attribute, or user code failing at import
+        raise error(
+            f"{what} {name!r}: cannot import it ({type(failure).__name__}: {failure})"
+        ) from failure

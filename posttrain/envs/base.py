@@ -20,11 +20,11 @@ on sys.path like reward functions; the CLI adds the working directory). The clas
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Protocol, runtime_checkable
 
 from posttrain.errors import UserError
+from posttrain.utils import resolve_named
 
 
 class EnvironmentSpecError(UserError, ValueError):
@@ -48,23 +48,13 @@ def builtin_environments() -> dict[str, type]:
 
 def resolve_environment(name: str) -> type:
     """The environment class a recipe names: a built-in or `module:Class`."""
-    builtins = builtin_environments()
-    if ":" not in name:
-        if name in builtins:
-            return builtins[name]
-        raise EnvironmentSpecError(
-            f"unknown environment {name!r}: expected one of {sorted(builtins)} or 'module:Class'"
-        )
-    module_name, _, attribute = name.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), attribute)
-    except Exception as error:  # missing module or class, or user code failing at import
-        raise EnvironmentSpecError(
-            f"environment {name!r}: cannot import it ({type(error).__name__}: {error})"
-        ) from error
+    cls = resolve_named(
+        name, builtin_environments(), "environment", "module:Class", EnvironmentSpecError
+    )
     if not (callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
         raise EnvironmentSpecError(
-            f"environment {name!r}: {attribute} needs reset(row) and step(message) methods"
+            f"environment {name!r} is not an environment class: it needs reset(row) and "
+            "step(message) methods"
         )
     return cls
 

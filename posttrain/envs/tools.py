@@ -22,13 +22,13 @@ Built-ins (`BUILTIN_TOOLS`): `calculator` (arithmetic on numbers, parsed with `a
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 
 from posttrain.data.tools import calculator, format_tool_call, parse_tool_call
 from posttrain.errors import UserError
 from posttrain.scoring.sandbox import run_in_subprocess
+from posttrain.utils import resolve_named
 
 
 class ToolError(UserError, ValueError):
@@ -50,19 +50,7 @@ BUILTIN_TOOLS: dict[str, Callable[..., str]] = {"calculator": calculator, "pytho
 
 def resolve_tool(name: str) -> Callable:
     """A built-in tool by name, or `module:function` (found on sys.path, as reward functions)."""
-    if ":" not in name:
-        if name in BUILTIN_TOOLS:
-            return BUILTIN_TOOLS[name]
-        raise ToolError(
-            f"unknown tool {name!r}: expected one of {sorted(BUILTIN_TOOLS)} or 'module:function'"
-        )
-    module_name, _, attribute = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except Exception as error:  # missing module or attribute, or user code failing at import
-        raise ToolError(
-            f"tool {name!r}: cannot import it ({type(error).__name__}: {error})"
-        ) from error
+    fn = resolve_named(name, BUILTIN_TOOLS, "tool", "module:function", ToolError)
     if not callable(fn):
         raise ToolError(f"tool {name!r} is a {type(fn).__name__}, not a callable")
     return fn
