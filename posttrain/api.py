@@ -167,7 +167,10 @@ class Trainer:
         self._prepared = True
 
     def train(self):
-        """Train and return the TrainResult (output_dir, final_dir, steps, last_metrics)."""
+        """Train and return the TrainResult (output_dir, final_dir, steps, last_metrics).
+        Under torchrun / accelerate launch the process group stays up for the caller's own
+        work; end the script with `torch.distributed.destroy_process_group()` (the CLI does),
+        or gloo may abort the process while the interpreter shuts down."""
         from posttrain.algorithms.base import Provided
         from posttrain.train.loop import train
 

@@ -108,6 +108,7 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
     """Train algorithm `name` through the Python API (posttrain/api.py), the one entry both use;
     return the output directories and the last logged metrics."""
     from posttrain.api import trainer_class
+    from posttrain.train.distributed import close_process_group
 
     if resume:
         overrides = [*overrides, "train.resume=true"]
@@ -116,6 +117,7 @@ def run_algorithm(name: str, recipe: Path, overrides: list[str], resume: bool) -
     output_dir = trainer.config.train.output_dir
     with user_errors_exit(output_dir):  # write failures name the output directory
         result = trainer.train()
+        close_process_group()
     return {
         "output_dir": str(result.output_dir),
         "final": str(result.final_dir),

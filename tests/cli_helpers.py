@@ -40,6 +40,8 @@ def run_torchrun(
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # a child that aborts in C++ still prints every thread's Python stack
+        "PYTHONFAULTHANDLER": "1",
         **(env or {}),
     }
     command = [
@@ -56,9 +58,20 @@ def run_torchrun(
         "posttrain",
         *args,
     ]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    return show_failure(
+        subprocess.run(
+            command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+        )
     )
+
+
+def show_failure(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """A failed multi-process launch prints its whole output, which pytest shows under the
+    failing test ("Captured stdout call"): assertion messages keep only the tail, and a
+    child's faulthandler stacks come before the launcher's own report."""
+    if result.returncode != 0:
+        print(f"$ {' '.join(map(str, result.args))}\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 def sft_overrides(model_dir: Path, data_dir: Path, out: Path, **extra) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import REPO, free_port, run_cli, run_torchrun, sft_overrides
+from cli_helpers import REPO, free_port, run_cli, run_torchrun, sft_overrides, show_failure
 from safetensors.torch import load_file
 from test_grpo import rl_overrides
 from test_ppo import ppo_overrides
@@ -171,7 +171,7 @@ def test_ppo_two_processes_match_one_with_two_minibatches(tiny_model_dir, arithm
             **{"train.batch_size": 2, "train.sharding": sharding},
         )
         run = run_torchrun("ppo", "recipes/ppo_tiny.yaml", *args, env=env)
-        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.returncode == 0, (sharding, run.stderr[-8000:])
         assert_same_curves(one, two, keys=keys)
         if sharding == "fsdp2":
             assert_sharded(two)
@@ -264,10 +264,15 @@ def test_unhonourable_launch_is_an_error(
 
 
 def accelerate_launch(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONFAULTHANDLER": "1",
+    }
     command = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    return show_failure(
+        subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     )
 
 

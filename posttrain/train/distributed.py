@@ -223,3 +223,15 @@ def sharding_of(accelerator: Accelerator) -> str:
     if kind == DistributedType.DEEPSPEED:
         return f"deepspeed_zero{accelerator.state.deepspeed_plugin.zero_stage}"
     return "none"
+
+
+def close_process_group() -> None:
+    """End a command's process group cleanly: every process waits for the others at a barrier,
+    then the group is destroyed. Left alive, the group is torn down by interpreter shutdown,
+    in whatever order Python frees things, while the peer may already be gone; on gloo that
+    can abort a process that finished its work ("terminate called without an active
+    exception"), failing a run that succeeded. Only the CLI calls this: an API user's script
+    may still need the group after `train()`."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
