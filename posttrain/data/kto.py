@@ -24,7 +24,7 @@ from posttrain.data.tokenized import (
     MapOptions,
     as_sources,
     encode_rows,
-    encoded_chunks,
+    kept_rows,
     mixed,
     summed_skips,
 )
@@ -120,24 +120,11 @@ def _encode_source(tokenizer, source: Source, max_length: int, limit, options) -
             chunk, kto_batch, kwargs, settings, options, f"tokenising {where}", KTO_FEATURES
         )
 
-    skipped = {"empty": 0, "truncated_away": 0}
-    truncated = 0
-    examples = []
-    for chunk in encoded_chunks(rows, encode, limit):
-        for e in chunk.to_list():
-            if limit is not None and len(examples) >= limit:
-                break
-            truncated += e["truncated"]
-            if e["status"] != "ok":
-                skipped[e["status"]] += 1
-                continue
-            examples.append(
-                KTOExample(
-                    e["prompt_ids"], e["completion_ids"], e["completion_mask"], e["desirable"]
-                )
-            )
-        if limit is not None and len(examples) >= limit:
-            break
+    kept, skipped, truncated = kept_rows(rows, encode, limit, ("empty", "truncated_away"))
+    examples = [
+        KTOExample(e["prompt_ids"], e["completion_ids"], e["completion_mask"], e["desirable"])
+        for e in kept
+    ]
     if not examples:
         raise DataError(f"{where}: no usable KTO rows (skipped: {skipped})")
     return KTOData(examples, skipped, truncated)

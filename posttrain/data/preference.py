@@ -24,7 +24,7 @@ from posttrain.data.tokenized import (
     MapOptions,
     as_sources,
     encode_rows,
-    encoded_chunks,
+    kept_rows,
     mixed,
     summed_skips,
 )
@@ -133,28 +133,15 @@ def _encode_source(tokenizer, source: Source, max_length: int, limit, options) -
             PREFERENCE_FEATURES,
         )
 
-    skipped = {"identical": 0, "empty": 0, "truncated_away": 0}
-    truncated = 0
-    examples = []
-    for chunk in encoded_chunks(rows, encode, limit):
-        for e in chunk.to_list():
-            if limit is not None and len(examples) >= limit:
-                break
-            truncated += e["truncated"]
-            if e["status"] != "ok":
-                skipped[e["status"]] += 1
-                continue
-            examples.append(
-                PreferenceExample(
-                    e["chosen_ids"],
-                    e["chosen_mask"],
-                    e["rejected_ids"],
-                    e["rejected_mask"],
-                    e["margin"],
-                )
-            )
-        if limit is not None and len(examples) >= limit:
-            break
+    kept, skipped, truncated = kept_rows(
+        rows, encode, limit, ("identical", "empty", "truncated_away")
+    )
+    examples = [
+        PreferenceExample(
+            e["chosen_ids"], e["chosen_mask"], e["rejected_ids"], e["rejected_mask"], e["margin"]
+        )
+        for e in kept
+    ]
     if not examples:
         raise DataError(f"{where}: no usable preference pairs (skipped: {skipped})")
     return PreferenceData(examples, has_margin, skipped, truncated)

@@ -137,6 +137,28 @@ def encoded_chunks(rows: datasets.Dataset, encode: Callable, limit: int | None):
     yield encode(rows.select(range(limit, len(rows))), limit)
 
 
+def kept_rows(
+    rows: datasets.Dataset, encode: Callable, limit: int | None, skip_reasons: tuple[str, ...]
+) -> tuple[list[dict], dict[str, int], int]:
+    """The encoded rows whose `status` is "ok" (at most `limit`), the count of the others per
+    status (each one of `skip_reasons`), and how many rows were truncated (kept or not)."""
+    skipped = dict.fromkeys(skip_reasons, 0)
+    truncated = 0
+    kept: list[dict] = []
+    for chunk in encoded_chunks(rows, encode, limit):
+        for e in chunk.to_list():
+            if limit is not None and len(kept) >= limit:
+                break
+            truncated += e["truncated"]
+            if e["status"] != "ok":
+                skipped[e["status"]] += 1
+                continue
+            kept.append(e)
+        if limit is not None and len(kept) >= limit:
+            break
+    return kept, skipped, truncated
+
+
 def as_sources(path: str | Source | list[Source]) -> list[Source]:
     """A data argument (a path, a Source, or a mixture's list of them) as a list of Sources."""
     paths = path if isinstance(path, list) else [path]

@@ -112,3 +112,20 @@ def preallocated_cache(config, capacity: int, offset: int = 0) -> DynamicCache:
         for layer in cache.layers
     ]
     return cache
+
+
+def cached_last_logits(
+    model, cache: DynamicCache, input_ids, attention_mask, positions, head_kwargs: dict
+) -> torch.Tensor:
+    """One forward that appends `input_ids` to `cache`; the last position's logits (B, V) in
+    float32. `head_kwargs`: {"logits_to_keep": 1} where the model accepts it (no LM head over
+    the other positions)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **head_kwargs,
+    )
+    return out.logits[:, -1].float()

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import DynamicCache
 
 from posttrain.models.sharding import full_parameters
-from posttrain.rollout.cache import preallocated_cache
+from posttrain.rollout.cache import cached_last_logits, preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep
 from posttrain.rollout.prefix_shared import SharedPrompt, supports_shared_prompt
 from posttrain.rollout.sampling import draw_uniforms, sample_next
@@ -212,15 +212,9 @@ class RolloutEngine:
     ) -> Tensor:
         """One cached forward; returns the last position's logits (B, V) in float32."""
         self._forwards += 1
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **self._head_kwargs,
+        return cached_last_logits(
+            self.model, cache, input_ids, attention_mask, positions, self._head_kwargs
         )
-        return out.logits[:, -1].float()
 
     def _generate_chunk(
         self, encoded: list[list[int]], params: SamplingParams, uniforms: Tensor | None, device

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from posttrain.models.sharding import full_parameters
-from posttrain.rollout.cache import preallocated_cache
+from posttrain.rollout.cache import cached_last_logits, preallocated_cache
 from posttrain.rollout.logprobs import accepts_logits_to_keep
 from posttrain.rollout.sampling import draw_uniforms, sample_next
 from posttrain.rollout.types import RolloutBatch, SamplingParams
@@ -90,21 +90,13 @@ class MultiTurnDriver:
         self.pad_id = engine.pad_id
         self.eos = set(eos_ids(self.model, engine.tokenizer))
         self.forward_passes = 0
+        self._head_kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
         self.cut_off = 0  # episodes of the last generate() still going at max_turns
 
     def _forward(self, cache, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         """One cached forward; the last position's logits (A, V) in float32."""
         self.forward_passes += 1
-        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
-        )
-        return out.logits[:, -1].float()
+        return cached_last_logits(self.model, cache, ids, mask, positions, self._head_kwargs)
 
     def generate(self, sessions: list, prompt_seeds: list[int] | None = None) -> RolloutBatch:
         """Roll out every session (rows [g*n:(g+1)*n] are group g; prompt_seeds: one per group)."""
