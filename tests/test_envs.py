@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,6 +141,11 @@ def test_calculator_and_time_limited_tools():
     assert calculator("7/2") == "3.5"
     with pytest.raises(ValueError):
         calculator("__import__('os').system('true')")
+    # a model's "2or 3" is a tool error for the episode, not a SyntaxWarning on stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError):
+            calculator("2or 3")
     assert call_tool(calculator, {"expression": "6*7"}, 1.0) == ("42", "ok")
     text, outcome = call_tool(calculator, {"expression": "open('x')"}, 1.0)
     assert outcome == "error" and text.startswith("error: ValueError")
