@@ -87,7 +87,7 @@ def calculator(expression: str) -> str:
     """
     if len(expression) > 200:
         raise ValueError("expression longer than 200 characters")
-    with warnings.catch_warnings():  # "12a" is the model's mistake: a tool error, not a warning
+    with warnings.catch_warnings():  # "2or 3" is the model's mistake: a tool error, not a warning
         warnings.simplefilter("ignore", SyntaxWarning)
         tree = ast.parse(expression, mode="eval")
     value = _arithmetic(tree)  # ast, never eval()
