@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import mfu
+from bench import gate, mfu
 from bench import posttrain_runner as posttrain_side
 from bench import trl_runner as trl_side
 from bench.fixtures import MAX_LENGTH, MAX_LENGTH_BIG, MAX_LENGTH_LONG, WORK, make_fixtures
@@ -220,65 +220,103 @@ def generated_tokens_check(posttrain: list[float], peer: list[float], tolerance:
     return diff
 
 
+class SideRun:
+    """One side's training process for a case: warm-up steps, then `segments` segments of
+    `steps` timed steps, stopping at the gate after each segment but the last
+    (bench/gate.py), so one process serves every ABBA pair."""
+
+    def __init__(self, side: str, case: Case, config: dict, steps: int, segments: int, fx: dict,
+                 settings: Settings, tag: str):  # fmt: skip
+        self.side, self.case, self.config = side, case, config
+        record = case.record_name(settings.suffix)
+        self.record = record
+        self.run_dir = run_dir = WORK / "runs" / record / f"{side}-{tag}"
+        warmup = case_warmup(case, settings)
+        self.total = warmup + steps * segments
+        stops = [warmup + steps * (k + 1) for k in range(segments - 1)]
+        model = fx[case.model]
+        env = child_env(settings)
+        self.positions = run_dir.with_suffix(".positions.json")
+        self.waits = run_dir.with_suffix(".gate.json")
+        for stale in (self.positions, self.waits):
+            stale.unlink(missing_ok=True)
+        env.update(BENCH_POSITIONS=str(self.positions), BENCH_VOCAB=str(mfu.vocab_size(model)),
+                   BENCH_GATE_WAITS=str(self.waits))  # fmt: skip
+        if side == "posttrain":
+            recipe = WORK / "recipes" / f"{record}.yaml"
+            posttrain_side.write_recipe(case.name, model, fx[case.data], recipe, batch=case.batch,
+                                        lr=case.lr, max_length=case.max_length,
+                                        threads=settings.threads, generations=case.generations,
+                                        new_tokens=case.new_tokens)  # fmt: skip
+            argv = posttrain_side.command(case.name, recipe, run_dir, self.total, config)
+        else:
+            prompts_log = run_dir.with_suffix(".prompts.jsonl")
+            prompts_log.unlink(missing_ok=True)
+            env["BENCH_PROMPTS_LOG"] = str(prompts_log)
+            options = dict(batch=case.batch, steps=self.total, lr=case.lr,
+                           max_length=case.max_length, threads=settings.threads,
+                           device=settings.device)  # fmt: skip
+            if case.name == "grpo":
+                options.update(generations=case.generations, new_tokens=case.new_tokens)
+            argv = trl_side.command(case.name, model, fx[case.data], run_dir.with_suffix(".json"),
+                                    config, **options)  # fmt: skip
+        self.argv = argv
+        self.load = os.getloadavg()[0]  # other work on the machine (plus our own, decaying)
+        self.started = time.perf_counter()
+        self.proc = gate.GatedProcess(argv, run_dir.with_suffix(".log"), env, REPO, stops)
+
+    def finish(self) -> dict:
+        """Wait for the process; returns per-step times/tokens, positions and peak RSS."""
+        usage = self.proc.finish()
+        wall = time.perf_counter() - self.started
+        case, total = self.case, self.total
+        if self.side == "posttrain":
+            result = posttrain_side.read_result(self.run_dir, self.waits)
+            if case.name == "grpo":  # generated tokens = mean completion length x rows
+                rows = case.batch * case.generations
+                result["step_tokens"] = [round(c * rows) for c in result["completion_length"]]
+        else:
+            result = json.loads(self.run_dir.with_suffix(".json").read_text())
+        if len(result["step_times"]) != total:
+            raise RuntimeError(
+                f"{self.side} {self.record}: {len(result['step_times'])} steps, not {total}"
+            )
+        if self.positions.is_file():
+            result["positions"] = json.loads(self.positions.read_text())
+        result.update(peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
+                      config=self.config, argv=self.argv, load=self.load, wall_s=wall,
+                      cpu_s=usage.ru_utime + usage.ru_stime)  # fmt: skip
+        return result
+
+
+def pair_segments(result: dict, warmup: int, steps: int) -> list[dict]:
+    """One run's timed steps cut into its pairs' segments (segment k: the `steps` steps after
+    warmup + k * steps); each keeps the run's step count (`run_steps`) for the FLOPs share."""
+    times, total = result["step_times"], len(result["step_times"])
+    if (total - warmup) % steps or total <= warmup:
+        raise RuntimeError(f"{total} steps do not split into {warmup} + k x {steps}")
+    return [{**result, "step_times": times[lo : lo + steps],
+             "step_tokens": result["step_tokens"][lo : lo + steps], "run_steps": total}
+            for lo in range(warmup, total, steps)]  # fmt: skip
+
+
 def run_side(
     side: str, case: Case, config: dict, steps: int, fx: dict, settings: Settings, tag: str
 ) -> dict:
-    """One training run of one side; returns per-step times/tokens, positions and peak RSS."""
-    record = case.record_name(settings.suffix)
-    run_dir = WORK / "runs" / record / f"{side}-{tag}"
-    warmup = case_warmup(case, settings)
-    total = warmup + steps
-    model = fx[case.model]
-    env = child_env(settings)
-    positions = run_dir.with_suffix(".positions.json")
-    positions.unlink(missing_ok=True)
-    env.update(BENCH_POSITIONS=str(positions), BENCH_VOCAB=str(mfu.vocab_size(model)))
-    if side == "posttrain":
-        recipe = WORK / "recipes" / f"{record}.yaml"
-        posttrain_side.write_recipe(case.name, model, fx[case.data], recipe, batch=case.batch,
-                                    lr=case.lr, max_length=case.max_length,
-                                    threads=settings.threads, generations=case.generations,
-                                    new_tokens=case.new_tokens)  # fmt: skip
-        argv = posttrain_side.command(case.name, recipe, run_dir, total, config)
-    else:
-        prompts_log = run_dir.with_suffix(".prompts.jsonl")
-        prompts_log.unlink(missing_ok=True)
-        env["BENCH_PROMPTS_LOG"] = str(prompts_log)
-        options = dict(batch=case.batch, steps=total, lr=case.lr, max_length=case.max_length,
-                       threads=settings.threads, device=settings.device)  # fmt: skip
-        if case.name == "grpo":
-            options.update(generations=case.generations, new_tokens=case.new_tokens)
-        argv = trl_side.command(case.name, model, fx[case.data], run_dir.with_suffix(".json"),
-                                config, **options)  # fmt: skip
-    load = os.getloadavg()[0]  # other work on the machine (plus our previous run, decaying)
-    started = time.perf_counter()
-    cpu: list[float] = []
-    peak = run_process(argv, run_dir.with_suffix(".log"), env, cpu)
-    wall = time.perf_counter() - started
-    if side == "posttrain":
-        result = posttrain_side.read_result(run_dir)
-        if case.name == "grpo":  # generated tokens = mean completion length x rows
-            rows = case.batch * case.generations
-            result["step_tokens"] = [round(c * rows) for c in result["completion_length"]]
-    else:
-        result = json.loads(run_dir.with_suffix(".json").read_text())
-    if len(result["step_times"]) != total:
-        raise RuntimeError(f"{side} {record}: {len(result['step_times'])} steps, not {total}")
-    if positions.is_file():
-        result["positions"] = json.loads(positions.read_text())
-    result.update(peak_rss_mb=peak, config=config, argv=argv, load=load, wall_s=wall, cpu_s=cpu[0])
-    return result
+    """One ungated run of one side (a configuration probe): its timed steps as one segment."""
+    result = SideRun(side, case, config, steps, 1, fx, settings, tag).finish()
+    return pair_segments(result, case_warmup(case, settings), steps)[0]
 
 
-def rate(case: Case, result: dict, warmup: int) -> float:
+def rate(case: Case, segment: dict) -> float:
     """Higher is better: trained non-pad tokens/s (SFT), pairs/s (DPO, RM) or steps/s (GRPO)
-    over the steps after the warm-up."""
-    seconds = sum(result["step_times"][warmup:])
+    over a segment's timed steps."""
+    seconds = sum(segment["step_times"])
     if case.metric == "trained_tokens_per_s":
-        return sum(result["step_tokens"][warmup:]) / seconds
+        return sum(segment["step_tokens"]) / seconds
     if case.metric == "seconds_per_step":
-        return len(result["step_times"][warmup:]) / seconds
-    return case.batch * len(result["step_times"][warmup:]) / seconds
+        return len(segment["step_times"]) / seconds
+    return case.batch * len(segment["step_times"]) / seconds
 
 
 def reported(case: Case, value: float) -> float:
@@ -286,22 +324,23 @@ def reported(case: Case, value: float) -> float:
     return 1.0 / value if case.metric == "seconds_per_step" else value
 
 
-def effective_tokens_per_s(case: Case, result: dict, warmup: int) -> float:
+def effective_tokens_per_s(segment: dict) -> float:
     """Nominal throughput: the non-pad tokens each side trained (SFT/DPO/RM) or generated
-    (GRPO) per second of the timed steps."""
-    return sum(result["step_tokens"][warmup:]) / sum(result["step_times"][warmup:])
+    (GRPO) per second of a segment's timed steps."""
+    return sum(segment["step_tokens"]) / sum(segment["step_times"])
 
 
-def hw_flops_per_s(case: Case, result: dict, warmup: int, fx: dict) -> float | None:
+def hw_flops_per_s(case: Case, segment: dict, fx: dict) -> float | None:
     """Hardware FLOP/s: the token positions the model really computed (padding included, a
-    shared prompt once), from bench/positions.py, spread evenly over the run's steps. None
-    for GRPO (generation dominates; see mfu.py) or when the counter did not report."""
-    counted = result.get("positions")
+    shared prompt once), from bench/positions.py, spread evenly over the run's steps (the
+    segment's share: its steps over `run_steps`). None for GRPO (generation dominates; see
+    mfu.py) or when the counter did not report."""
+    counted = segment.get("positions")
     if case.name == "grpo" or not counted:
         return None
-    steps = result["step_times"]
-    flops = mfu.hw_flops(case.name, fx[case.model], counted) * (len(steps) - warmup) / len(steps)
-    return flops / sum(steps[warmup:])
+    steps = segment["step_times"]
+    share = len(steps) / segment.get("run_steps", len(steps))
+    return mfu.hw_flops(case.name, fx[case.model], counted) * share / sum(steps)
 
 
 def select_config(
@@ -314,13 +353,12 @@ def select_config(
     probes = []
     sides = {"posttrain": case.posttrain_configs, "trl": case.trl_configs}
     steps = case_steps(case, settings, probe=True)
-    warmup = case_warmup(case, settings)
     for i in range(max(len(c) for c in sides.values())):
         order = sides.items() if i % 2 == 0 else reversed(list(sides.items()))
         for side, configs in order:
             if i < len(configs) and len(configs) > 1:
                 r = run_side(side, case, configs[i], steps, fx, settings, f"probe{i}")
-                probes.append({"side": side, "config": configs[i], "rate": rate(case, r, warmup),
+                probes.append({"side": side, "config": configs[i], "rate": rate(case, r),
                                "effective": r.get("effective"),
                                "rss_mib": r["peak_rss_mb"]})  # fmt: skip
                 say(f"  probe {side:9} {_fmt_config(configs[i]):50} "
@@ -333,7 +371,9 @@ def select_config(
 
 
 def run_case(name: str, settings: Settings, peaks: dict, say=print) -> dict:
-    """Select, then run the two sides in ABBA order `pairs` times; returns the case's record."""
+    """Select, then run the two sides in ABBA order `pairs` times; returns the case's record.
+    Each side is one process (bench/gate.py): its warm-up, then one segment of timed steps per
+    pair, the other side's process waiting at its gate meanwhile."""
     case = CASES[name]
     started = time.perf_counter()
     fx = make_fixtures(settings.preset)
@@ -342,22 +382,34 @@ def run_case(name: str, settings: Settings, peaks: dict, say=print) -> dict:
     say(f"[{record}] ({case.workload}) selecting configurations ({select})")
     pt_config, trl_config, probes = select_config(name, case, fx, settings, say)
     config = {"posttrain": pt_config, "trl": trl_config}
-    runs = {"posttrain": [], "trl": []}
     warmup, steps = case_warmup(case, settings), case_steps(case, settings)
+    procs: dict[str, SideRun] = {}
+    results = {}
     for pair, order in enumerate(abba_order(settings.pairs)):
         for side in order:
-            runs[side].append(
-                run_side(side, case, config[side], steps, fx, settings, f"pair{pair}")
-            )
-        pt, trl = (rate(case, runs[s][-1], warmup) for s in ("posttrain", "trl"))
-        say(f"  pair {pair} ({order[0][0]}{order[1][0]}): posttrain {reported(case, pt):10.2f}  "
-            f"trl {reported(case, trl):10.2f}  ratio {pt / trl:5.2f}")  # fmt: skip
+            if side not in procs:  # its warm-up and first segment
+                procs[side] = SideRun(side, case, config[side], steps, settings.pairs, fx,
+                                      settings, "pairs")  # fmt: skip
+            else:
+                procs[side].proc.release()
+            if pair < settings.pairs - 1:
+                procs[side].proc.wait_stop()
+            else:
+                results[side] = procs[side].finish()
+        if pair < settings.pairs - 1:
+            say(f"  pair {pair} ({order[0][0]}{order[1][0]}) done")
+    runs = {side: pair_segments(results[side], warmup, steps) for side in results}
+    for pair in range(settings.pairs):
+        pt, trl = (rate(case, runs[s][pair]) for s in ("posttrain", "trl"))
+        say(f"  pair {pair}: posttrain {reported(case, pt):10.2f}  trl {reported(case, trl):10.2f}"
+            f"  ratio {pt / trl:5.2f}")  # fmt: skip
     return summarise(case, settings, fx, peaks, runs, probes, time.perf_counter() - started)
 
 
 def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
     """The case's record: the schema fields first (case, metric, posttrain, peer, ratio, pairs,
-    hw_mfu_*, rss_*_mib, peer_settings), then the detail."""
+    hw_mfu_*, rss_*_mib, peer_settings), then the detail. `runs[side]` holds one segment of
+    timed steps per pair (`pair_segments`)."""
     w, peer = case_warmup(case, settings), {"posttrain": "posttrain", "trl": "peer"}
 
     def med(fn) -> dict:
@@ -367,20 +419,20 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
     effective = runs["trl"][0].get("effective") or {}
     dtype = {"posttrain": "bf16" if pt_config.get("train.mixed_precision") == "bf16" else "fp32",
              "peer": effective.get("precision") or ("bf16" if trl_config.get("bf16") else "fp32")}  # fmt: skip
-    rates = {side: reported(case, v) for side, v in med(lambda r: rate(case, r, w)).items()}
+    rates = {side: reported(case, v) for side, v in med(lambda r: rate(case, r)).items()}
     rss = med(lambda r: r["peak_rss_mb"])
-    ratio, ratios = median_ratio([rate(case, r, w) for r in runs["posttrain"]],
-                                 [rate(case, r, w) for r in runs["trl"]])  # fmt: skip
+    ratio, ratios = median_ratio([rate(case, r) for r in runs["posttrain"]],
+                                 [rate(case, r) for r in runs["trl"]])  # fmt: skip
     hw = {}
     if case.name != "grpo":
-        flops = med(lambda r: hw_flops_per_s(case, r, w, fx) or 0.0)
+        flops = med(lambda r: hw_flops_per_s(case, r, fx) or 0.0)
         hw = {s: flops[s] / peaks["bf16"] if flops[s] else None for s in flops}
-    tokens = med(lambda r: statistics.mean(r["step_tokens"][w:]))
+    tokens = med(lambda r: statistics.mean(r["step_tokens"]))
     token_diff = None
     if case.name == "grpo":
         token_diff = generated_tokens_check(
-            [t for r in runs["posttrain"] for t in r["step_tokens"][w:]],
-            [t for r in runs["trl"] for t in r["step_tokens"][w:]], GRPO_TOKEN_TOLERANCE)  # fmt: skip
+            [t for r in runs["posttrain"] for t in r["step_tokens"]],
+            [t for r in runs["trl"] for t in r["step_tokens"]], GRPO_TOKEN_TOLERANCE)  # fmt: skip
     common = {"workload": case.workload, "preset": settings.preset, "batch": case.batch,
               "max_length": case.max_length, "model": Path(fx[case.model]).parent.name,
               "vocab_size": mfu.vocab_size(fx[case.model]),
@@ -408,7 +460,7 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
         "rss_target": case.rss_target, "rss_ratio": rss["peer"] / rss["posttrain"],
         "hw_mfu_basis": "% of measured bf16 matmul peak (mfu.measure_peak: best of 5 "
                         f"{mfu.PEAK_SIZE}x{mfu.PEAK_SIZE} bf16 torch.matmul, {settings.threads} threads)",
-        "effective_tokens_per_s": med(lambda r: effective_tokens_per_s(case, r, w)),
+        "effective_tokens_per_s": med(lambda r: effective_tokens_per_s(r)),
         "tokens_per_step": tokens, "generated_tokens_diff": token_diff,
         "positions": {peer[s]: runs[s][0].get("positions") for s in runs},
         # Same batches on both sides: the same non-pad tokens per step and the same first loss
@@ -417,8 +469,9 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
             a["step_tokens"] == b["step_tokens"]
             for a, b in zip(runs["posttrain"], runs["trl"], strict=True)),
         "first_loss": {peer[s]: runs[s][0]["losses"][0] for s in runs},
-        # 1-min load average when each run started; our own runs keep it near `threads`.
-        "load_average": [r["load"] for s in runs for r in runs[s]],
+        # 1-min load average when each side's process started; our own runs keep it near
+        # `threads`.
+        "load_average": [runs[s][0]["load"] for s in runs],
         "settings": {
             "common": common,
             "posttrain": {"config": pt_config, "dtype": dtype["posttrain"],
@@ -426,8 +479,10 @@ def summarise(case, settings, fx, peaks, runs, probes, seconds) -> dict:
             "peer": {**peer_settings, "dtype": dtype["peer"]},
             "probes": probes, "matmul_peak_flops": peaks,
         },
-        "run_seconds": {peer[s]: [r["wall_s"] for r in runs[s]] for s in runs},
-        "run_cpu_seconds": {peer[s]: [r["cpu_s"] for r in runs[s]] for s in runs},
+        # Each side's one process (start-up, warm-up, every pair's segment, waits at the gate).
+        "process_seconds": {peer[s]: runs[s][0]["wall_s"] for s in runs},
+        "process_cpu_seconds": {peer[s]: runs[s][0]["cpu_s"] for s in runs},
+        "process": "one per side, paused at a gate between pairs (bench/gate.py)",
         "seconds": seconds,
     }  # fmt: skip
 

@@ -74,5 +74,8 @@ def install_from_env() -> PositionCounter | None:
 
 if __name__ == "__main__":
     install_from_env()
+    from bench.gate import install_posttrain_gate
+
+    install_posttrain_gate()  # pauses between pairs' segments when the harness asks (gate.py)
     sys.argv = [sys.argv[1], *sys.argv[2:]]
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

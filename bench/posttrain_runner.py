@@ -3,7 +3,8 @@
     python -m bench.positions posttrain sft|dpo|rm|grpo bench/work/recipes/CASE.yaml key=value
 
 (`bench.positions` only adds a hook that counts the token positions the model computes, for the
-hardware MFU, then runs `python -m posttrain` unchanged.)
+hardware MFU, and the gate that pauses the run between pairs (bench/gate.py), then runs
+`python -m posttrain` unchanged.)
 
 The harness writes a recipe per case (below), overrides the side's configuration
 (`data.packing`, `train.mixed_precision`) on the command line, and reads the per-step
@@ -118,14 +119,17 @@ def command(case: str, recipe: Path, output_dir: Path, steps: int, config: dict)
             *overrides]  # fmt: skip
 
 
-def read_result(output_dir: Path) -> dict:
-    """Per-step times, tokens and losses from metrics.jsonl (one line per step)."""
+def read_result(output_dir: Path, gate_waits: Path) -> dict:
+    """Per-step times (less the time spent at the harness's gate, `gate_waits`), tokens and
+    losses from metrics.jsonl (one line per step)."""
+    from bench.gate import subtract_waits
+
     rows = [
         json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
     return {
         "side": "posttrain",
-        "step_times": [r["step_time"] for r in rows],
+        "step_times": subtract_waits([r["step_time"] for r in rows], gate_waits),
         "step_tokens": [int(r["tokens"]) for r in rows],
         # GRPO: the mean completion length of the step's rollout (times the rows: generated tokens)
         "completion_length": [r.get("completion_length") for r in rows],

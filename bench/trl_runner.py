@@ -16,8 +16,9 @@ probes. The record carries the settings read back from `trainer.args` after cons
 
 Tokens per step are counted where TRL builds its batches (the data collator): the non-pad
 tokens of every sequence. Step time is the wall time between consecutive `on_step_end` calls
-(the first one from `on_train_begin`), so data loading, forward, backward, clipping, the
-optimizer and TRL's own per-step metrics are all inside it, as on the posttrain side.
+(the first one from `on_train_begin`; a wait at the harness's gate between pairs excluded), so
+data loading, forward, backward, clipping, the optimizer and TRL's own per-step metrics are all
+inside it, as on the posttrain side.
 Argument names are those of TRL 1.16 (trl/trainer/{sft,dpo,reward}_config.py).
 """
 
@@ -205,9 +206,11 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.gate import Gate
     from bench.positions import install_from_env
 
     positions = install_from_env()
+    gate = Gate.from_env()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -230,9 +233,10 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kwargs):
             if args.device.type == "cuda":
                 torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.times.append(now - self.last)
-            self.last = now
+            self.times.append(time.perf_counter() - self.last)
+            if gate is not None:  # between pairs: wait for the harness (bench/gate.py)
+                gate.after_step(len(self.times))
+            self.last = time.perf_counter()  # the wait at the gate is not step time
 
     out_dir = Path(args.out).with_suffix("")
     micro = args.micro_batch or args.batch

@@ -1,8 +1,11 @@
 """The benchmark harness's own logic (bench/): ABBA order, the median pair ratio, the record
 schema, the GRPO generated-token check, identical GRPO prompts on both sides, the position
-counter behind the hardware MFU, and the TRL command line. No timing is asserted."""
+counter behind the hardware MFU, the gate that pauses a side between pairs, and the TRL command
+line. No timing is asserted."""
 
 import json
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench import harness, mfu, report
+from bench.gate import GatedProcess, subtract_waits
 from bench.positions import PositionCounter
 from bench.posttrain_runner import in_sampler_order
 from bench.trl_runner import command as trl_command
@@ -52,19 +56,69 @@ def test_posttrain_sampler_reads_the_permuted_file_in_original_order(tmp_path):
     assert drawn == rows[:32]  # TRL with shuffle_dataset=False reads rows 0..31 in order
 
 
-def fake_run(rate_tokens: float, tokens: int, rss: float, positions: dict) -> dict:
-    return {"step_times": [1.0, 1.0, 1.0], "step_tokens": [tokens] * 3, "losses": [2.0] * 3,
-            "peak_rss_mb": rss, "config": {}, "argv": ["python", "x"], "load": 1.0,
-            "wall_s": 5.0, "cpu_s": 8.0, "positions": positions,
+def fake_run(tokens: int, rss: float, positions: dict, steps: int = 11) -> dict:
+    return {"step_times": [1.0] * steps, "step_tokens": [tokens] * steps,
+            "losses": [2.0] * steps, "peak_rss_mb": rss, "config": {}, "argv": ["python", "x"],
+            "load": 1.0, "wall_s": 5.0, "cpu_s": 8.0, "positions": positions,
             "effective": {"precision": "bf16", "activation_checkpointing": False}}  # fmt: skip
+
+
+def test_pair_segments_cut_one_run_into_its_pairs():
+    run = fake_run(100, 1.0, {})
+    run["step_times"] = [9.0] + [float(i) for i in range(1, 11)]  # the warm-up step first
+    segments = harness.pair_segments(run, warmup=1, steps=2)
+    assert [s["step_times"] for s in segments] == [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    assert all(s["run_steps"] == 11 and s["step_tokens"] == [100, 100] for s in segments)
+    with pytest.raises(RuntimeError, match="do not split"):
+        harness.pair_segments(run, warmup=0, steps=2)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from bench.gate import Gate
+    gate = Gate.from_env()
+    for step in range(1, 6):
+        time.sleep(0.01)
+        print("step", step, "waited", round(gate.after_step(step) > 0), flush=True)
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+def test_gate_stops_a_child_after_each_listed_step_and_subtracts_the_wait(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    waits = tmp_path / "waits.json"
+    env = {"PYTHONPATH": str(repo), "BENCH_GATE_WAITS": str(waits)}
+    child = GatedProcess([sys.executable, "-c", CHILD, "0"], tmp_path / "child.log", env,
+                         repo, stops=[2, 4])  # fmt: skip
+    assert child.wait_stop() == 2
+    assert "step 3" not in (tmp_path / "child.log").read_text()  # it waits at the gate
+    child.release()
+    assert child.wait_stop() == 4
+    child.release()
+    usage = child.finish()
+    assert usage.ru_maxrss > 0
+    log = (tmp_path / "child.log").read_text().splitlines()
+    assert log == [f"step {s} waited {int(s in (2, 4))}" for s in range(1, 6)]
+    waited = json.loads(waits.read_text())
+    assert set(waited) == {"2", "4"}
+    times = [1.0 + (waited[str(s)] if str(s) in waited else 0.0) for s in range(1, 6)]
+    assert subtract_waits(times, waits) == pytest.approx([1.0] * 5)
+
+
+def test_gated_child_that_fails_is_reported_with_its_log(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    child = GatedProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                         tmp_path / "child.log", {"PYTHONPATH": str(repo)}, repo, stops=[2])  # fmt: skip
+    with pytest.raises(RuntimeError, match="boom"):
+        child.wait_stop()
 
 
 def test_record_schema(tmp_path, tiny_model_dir):
     case = harness.CASES["sft"]
     counted = {"train_positions": 1000, "train_sum_sq": 64000, "nograd_positions": 0,
                "nograd_sum_sq": 0}  # fmt: skip
-    runs = {"posttrain": [fake_run(1, 900, 600.0, counted) for _ in range(5)],
-            "trl": [fake_run(1, 900, 800.0, counted) for _ in range(5)]}  # fmt: skip
+    runs = {"posttrain": harness.pair_segments(fake_run(900, 600.0, counted), 1, 2),
+            "trl": harness.pair_segments(fake_run(900, 800.0, counted), 1, 2)}  # fmt: skip
     fx = {"model": tiny_model_dir, "sft_data": tmp_path / "sft.jsonl",
           "lengths": {"sft": {"mean": 30, "mean_sq": 1000}}}  # fmt: skip
     settings = harness.Settings(preset="tiny", pairs=5, warmup=1, steps=2)
@@ -73,8 +127,9 @@ def test_record_schema(tmp_path, tiny_model_dir):
     assert record["case"] == "sft_tiny" and record["pairs"] == 5 and record["ratio"] == 1.0
     assert record["rss_posttrain_mib"] == 600.0 and record["rss_peer_mib"] == 800.0
     assert record["peer_settings"]["effective"]["activation_checkpointing"] is False
-    # hw MFU: the counted positions' FLOPs per timed second (3 steps, 1 warm-up) over the peak
-    flops = mfu.hw_flops("sft", tiny_model_dir, counted) * 2 / 3 / 2.0
+    # hw MFU: the counted positions' FLOPs (over the run's 11 steps) per timed second over the
+    # peak; a segment is 2 of them, timed 2 s
+    flops = mfu.hw_flops("sft", tiny_model_dir, counted) * 2 / 11 / 2.0
     assert record["hw_mfu_posttrain"] == pytest.approx(flops / 1e12)
     assert "bf16 matmul peak" in record["hw_mfu_basis"]
     line = json.loads(json.dumps(record))  # JSON-serialisable as latest.jsonl stores it
