@@ -207,12 +207,16 @@ def load_run_info() -> dict | None:
 
 # One sentence per lever: the work it avoids (README, under the table).
 LEVERS = (
-    "SFT packing (`data.packing`): rows are packed padding-free under a block mask, so no "
-    "position is spent on padding and attention stays inside each example.",
+    "SFT packing (`data.packing`): examples are packed first-fit into rows of up to "
+    "`data.max_length` tokens under a block mask, so only the tails of the shorter rows are "
+    "padding; the attention kernel still computes each whole row (the mask hides pairs, it does "
+    "not skip them).",
     "DPO/RM prefix-shared pairs (`data.packing`): `[prompt | chosen | rejected]` is one segment, "
     "so each prompt is computed once instead of twice and nothing is padded.",
     "GRPO shared-prompt forward (`grpo.share_prompt_forward`): the training forward computes "
-    "each prompt once for its n completions instead of n times.",
+    "each prompt once for its n completions instead of n times, where that costs less: after a "
+    "short prompt, long completions make the group's row attend over (P + n·C)² pairs, and "
+    "the n plain rows are run instead (posttrain/models/forward_cost.py).",
     "Rollout prompt sharing (posttrain/rollout/prefix_shared.py): prefill once per prompt and "
     "decode attention reads each prompt's keys/values once per group, not from n copies; "
     "finished rows leave the batch, so no step decodes padding.",

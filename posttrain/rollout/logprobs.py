@@ -22,6 +22,7 @@ from torch import Tensor
 
 from posttrain.losses.chunked_ce import chunked_token_logprobs
 from posttrain.models import attention_support
+from posttrain.models.forward_cost import shared_prompt_saves_work
 from posttrain.models.lm_head import (
     HeadPlan,
     accepts_logits_to_keep,
@@ -142,14 +143,19 @@ def sequence_logprobs(
     right-padded, as in `RolloutBatch`. temperature 0 (greedy sampling) is scored at T = 1.
     group_size G > 1: rows come in runs of G sharing one prompt (n samples per prompt), so each
     prompt is run once for its G completions (`shared_prompt_logits`); same numbers, fewer
-    tokens. Falls back to one row per sample when the rows do not share their prompts or the
-    model's attention cannot be given a custom mask (trainers say so at start-up).
+    tokens. Falls back to one row per sample when the rows do not share their prompts, the
+    model's attention cannot be given a custom mask (trainers say so at start-up), or the
+    shared row would cost more (its attention grows with (P + G·C)²; models/forward_cost.py).
     """
     plan = plan_of(model)
     if (
         group_size > 1
         and attention_support.custom_mask(attention_support.profile(model)) is None
         and shares_prompts(prompt_ids, prompt_mask, group_size)
+        # long completions after a short prompt: G plain rows attend over fewer pairs
+        and shared_prompt_saves_work(
+            model, prompt_ids.shape[1], completion_ids.shape[1], group_size
+        )
     ):
         logits = shared_prompt_logits(
             model, prompt_ids, prompt_mask, completion_ids, group_size, plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.models.forward_cost import shared_prompt_saves_work, token_and_pair_flops
 from posttrain.rollout import RolloutEngine, SamplingParams, sequence_logprobs
 
 
@@ -87,6 +88,8 @@ def test_shared_prompt_forward_equals_one_row_per_sample(model, tokenizer, promp
     gradients as one [prompt; completion] row per sample."""
     batch = sample(model, tokenizer, prompts, extra_eos, n=4)
     assert batch.lengths.min() < batch.lengths.max()
+    widths = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    assert shared_prompt_saves_work(model, *widths, 4)  # so the shared layout is what is compared
     model.train()
     results = []
     for group_size in (1, 4):
@@ -111,3 +114,39 @@ def test_shared_prompt_forward_falls_back_when_prompts_differ(model, tokenizer, 
     assert not shares_prompts(batch.prompt_ids, batch.prompt_mask, 4)  # groups span prompts
     with torch.no_grad():
         torch.testing.assert_close(score(model, batch, group_size=4), score(model, batch))
+
+
+def test_shared_prompt_layout_only_where_it_computes_less(model):
+    """A [prompt | G completions] row attends over (P + G·C)² pairs: with long completions
+    after a short prompt, G plain rows cost less, so sequence_logprobs runs those (same
+    numbers)."""
+    per_token, per_pair = token_and_pair_flops(model)
+    c = model.config
+    assert per_pair == 4 * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * (
+        c.num_hidden_layers
+    )
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    tied = head is model.get_input_embeddings().weight
+    assert per_token == 2 * (matrices - embed - (0 if tied else head.numel()))
+    assert shared_prompt_saves_work(model, 12, 8, 4)  # short answers: the prompt dominates
+    assert not shared_prompt_saves_work(model, 12, 400, 4)  # long answers: attention dominates
+
+    torch.manual_seed(0)
+    vocab, n, P, C = model.config.vocab_size, 4, 12, 400
+    prompt = torch.randint(3, vocab, (1, P)).repeat(n, 1)
+    rows = (prompt, torch.ones(n, P, dtype=torch.long), torch.randint(3, vocab, (n, C)),
+            torch.ones(n, C, dtype=torch.long))  # fmt: skip
+    seen = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[0].shape))
+    )
+    try:
+        with torch.no_grad():
+            grouped = sequence_logprobs(model, *rows, group_size=n)
+            plain = sequence_logprobs(model, *rows, group_size=1)
+    finally:
+        hook.remove()
+    assert seen == [(n, P + C), (n, P + C)]  # the grouped call ran the plain layout
+    torch.testing.assert_close(grouped, plain, atol=0, rtol=0)

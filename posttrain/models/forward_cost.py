@@ -1,0 +1,44 @@
+"""Forward FLOPs of a decoder, to choose between two exact layouts of one computation.
+
+A layout that puts several sequences in one row behind a 4-D attention mask (the shared-prompt
+forward: one prompt, then its G completions) runs fewer tokens through the linear layers, but
+the attention kernel still computes every query-key pair of the row: the mask hides pairs, it
+does not skip them (sdpa's math and memory-efficient kernels, on CPU and CUDA). With short
+prompts and long completions the row's width² attention outgrows what the shared prompt
+saves, so the caller asks which layout costs less before it picks one. Both layouts give the
+same numbers (tested); only the cost differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_and_pair_flops(model) -> tuple[int, int]:
+    """(forward FLOPs per token of the weight matmuls outside the embedding and LM head,
+    forward FLOPs per attended query-key pair summed over layers: QKᵀ and attention·V)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    pair = 4 * heads * head_dim * text.num_hidden_layers
+    skip = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if isinstance(module, torch.nn.Module):
+            skip.update(id(p) for p in module.parameters())
+    # Every matrix counts once per token (2 FLOPs per weight). MoE experts are counted as if all
+    # were active, which overstates the token cost and so favours the shared layout, as before
+    # this check existed.
+    weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in skip)
+    return 2 * weights, pair
+
+
+def shared_prompt_saves_work(model, prompt_width: int, completion_width: int, group: int) -> bool:
+    """Whether one [prompt | G completions] row per group (width P + G·C) costs fewer forward
+    FLOPs than G rows [prompt; completion] of width P + C (backward scales alike)."""
+    per_token, per_pair = token_and_pair_flops(model)
+    P, C, G = prompt_width, completion_width, group
+    shared = (P + G * C) * per_token + (P + G * C) ** 2 * per_pair
+    plain = G * ((P + C) * per_token + (P + C) ** 2 * per_pair)
+    return shared < plain
