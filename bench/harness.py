@@ -27,7 +27,15 @@ from pathlib import Path
 from bench import gate, mfu
 from bench import posttrain_runner as posttrain_side
 from bench import trl_runner as trl_side
-from bench.fixtures import MAX_LENGTH, MAX_LENGTH_BIG, MAX_LENGTH_LONG, WORK, make_fixtures
+from bench.fixtures import (
+    BIG_NEW_TOKENS,
+    BIG_PROMPT,
+    MAX_LENGTH,
+    MAX_LENGTH_BIG,
+    MAX_LENGTH_LONG,
+    WORK,
+    make_fixtures,
+)
 from bench.posttrain_runner import GRPO_GENERATIONS, GRPO_NEW_TOKENS
 
 BENCH = Path(__file__).resolve().parent
@@ -120,8 +128,8 @@ CASES = {
                          trl_configs=[{"bf16": True, "padding_free": True}]),
     "grpo_bigvocab": Case("grpo", "seconds_per_step", "rl_bigvocab_data", batch=1, lr=1e-6,
                           target=1.0, rss_target=2.0, workload="bigvocab", record="grpo_bigvocab",
-                          model="bigvocab_model", max_length=MAX_LENGTH_BIG - 128,
-                          generations=2, new_tokens=128, warmup=0, steps=1,
+                          model="bigvocab_model", max_length=BIG_PROMPT,
+                          generations=2, new_tokens=BIG_NEW_TOKENS, warmup=0, steps=1,
                           posttrain_configs=PRECISION[:1], trl_configs=TRL_PRECISION[:1]),
 }  # fmt: skip
 # The largest relative difference in generated tokens per GRPO step between the two sides.

@@ -4,7 +4,7 @@
 
 1. Fixture: `posttrain init-model --preset small` and `posttrain data arithmetic`, then a short
    SFT of the whole model with MTP heads (`python -m posttrain sft recipes/sft_tiny_mtp.yaml`
-   with overrides, `--train-steps` steps). Deviation from the bundled rows: the assistant
+   with overrides, bf16 autocast, `--train-steps` steps). Deviation from the bundled rows: the assistant
    answer is written out as a short worked solution ("12 + 34: 2 + 4 = 6, 1 + 3 = 4, so
    12 + 34 = 46.", about 30 tokens) instead of the bare sum (2-3 tokens), because with 3-token
    completions the prefill dominates and no decoding method can show a difference.
@@ -51,7 +51,7 @@ def make_fixture(preset: str, kind: str, depth: int, steps: int, threads: int) -
     from posttrain.data.arithmetic import make_arithmetic
     from posttrain.models.presets import init_model
 
-    run = WORK / f"{preset}_{kind}{depth}_{steps}"
+    run = WORK / f"{preset}_{kind}{depth}_{steps}_bf16"
     if (run / "final" / "mtp_heads.safetensors").is_file():
         return run / "final"
     data = WORK / "data"
@@ -82,6 +82,9 @@ def make_fixture(preset: str, kind: str, depth: int, steps: int, threads: int) -
         "train.output_dir": run,
         "train.max_steps": steps,
         "train.batch_size": 16,
+        # bf16 autocast: about half of the fp32 time on CPU (make bench's 40 minutes); the
+        # measurements below run the trained weights in float32 either way
+        "train.mixed_precision": "bf16",
         "train.save_every": 0,
         "train.num_threads": threads,
         "logging.log_every": 10,
