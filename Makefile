@@ -45,7 +45,7 @@ test-all: install
 # `make bench` runs every case (shared-prompt, long, bigvocab, rollout; bench/README.md) in ABBA
 # pairs and rewrites bench/results/latest.jsonl; it probes both sides' candidate configurations
 # on sft_long (TRL: padding-free, packing, micro-batches, fp32) and takes the first candidate
-# elsewhere (to keep within the 40-minute budget; the last full run took 47 min, see README);
+# elsewhere (to keep within the 40-minute budget; the last full run took 30 min, see README);
 # `make bench-probe` probes every case. `python -m bench.report --readme` then
 # regenerates the README's performance table from the results.
 BENCH_PROBE_CASES = sft_long

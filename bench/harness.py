@@ -2,10 +2,12 @@
 
 For each case: pick each side's best configuration on this machine (a short probe run per
 candidate, or the first candidate with `--select fixed`), then run the two sides alternately
-in separate processes (posttrain, TRL, posttrain, TRL, ...; `pairs` pairs), each run with its
-own warm-up steps that are not timed. A pair's ratio is posttrain's rate over TRL's rate in
-that pair; the reported ratio is the median over pairs, so a slow spell on a shared machine
-hits both sides of one pair rather than one side of the whole comparison.
+(posttrain, TRL, TRL, posttrain, ...; `pairs` pairs), each side in one process for the case:
+its warm-up steps (not timed), then one segment of timed steps per pair, waiting at a gate
+(bench/gate.py) while the other side runs. A pair's ratio is posttrain's rate over TRL's rate
+on that pair's segment (the same batches on both sides); the reported ratio is the median over
+pairs, so a slow spell on a shared machine hits both sides of one pair rather than one side of
+the whole comparison.
 
 Extension points: a new trainer case is one more `Case` in CASES plus a builder in
 bench/trl_runner.py (TRAINERS) and its recipe section in bench/posttrain_runner.py
@@ -140,7 +142,7 @@ GRPO_TOKEN_TOLERANCE = 0.05
 class Settings:
     preset: str = "small"
     pairs: int = 5
-    warmup: int = 1  # untimed steps at the start of every run
+    warmup: int = 1  # untimed steps at the start of each side's process
     steps: int = 2  # timed steps per run
     probe_steps: int = 1  # timed steps of a configuration probe
     threads: int = 2
