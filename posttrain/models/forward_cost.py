@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.utils import unwrap_model
 
-def token_and_pair_flops(model) -> tuple[int, int]:
+
+def token_and_pair_flops(model) -> tuple[int, int] | None:
     """(forward FLOPs per token of the weight matmuls outside the embedding and LM head,
-    forward FLOPs per attended query-key pair summed over layers: QKᵀ and attention·V)."""
+    forward FLOPs per attended query-key pair summed over layers: QKᵀ and attention·V), or None
+    when the config does not say how many heads and layers there are. `model` may be wrapped
+    (DDP, peft, torch.compile)."""
+    model = unwrap_model(model)
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
+    heads = getattr(text, "num_attention_heads", None)
+    layers = getattr(text, "num_hidden_layers", None)
+    if not heads or not layers:
+        return None
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    pair = 4 * heads * head_dim * text.num_hidden_layers
+    pair = 4 * heads * head_dim * layers
     skip = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
@@ -37,7 +45,10 @@ def token_and_pair_flops(model) -> tuple[int, int]:
 def shared_prompt_saves_work(model, prompt_width: int, completion_width: int, group: int) -> bool:
     """Whether one [prompt | G completions] row per group (width P + G·C) costs fewer forward
     FLOPs than G rows [prompt; completion] of width P + C (backward scales alike)."""
-    per_token, per_pair = token_and_pair_flops(model)
+    costs = token_and_pair_flops(model)
+    if costs is None:  # nothing to weigh: the shared row, as before this check existed
+        return True
+    per_token, per_pair = costs
     P, C, G = prompt_width, completion_width, group
     shared = (P + G * C) * per_token + (P + G * C) ** 2 * per_pair
     plain = G * ((P + C) * per_token + (P + C) ** 2 * per_pair)

@@ -121,6 +121,10 @@ def test_shared_prompt_layout_only_where_it_computes_less(model):
     after a short prompt, G plain rows cost less, so sequence_logprobs runs those (same
     numbers)."""
     per_token, per_pair = token_and_pair_flops(model)
+    # a wrapped model (DDP's `.module`, as the trainers pass it) is weighed as the model inside
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert token_and_pair_flops(wrapper) == (per_token, per_pair)
     c = model.config
     assert per_pair == 4 * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * (
         c.num_hidden_layers
