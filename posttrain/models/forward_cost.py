@@ -11,9 +11,17 @@ same numbers (tested); only the cost differs.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from posttrain.models.loading import notice
 from posttrain.utils import unwrap_model
+
+# Per base model: its costs, and whether the step-aside notice was printed (the check runs on
+# every log-prob pass; the parameter walk and the notice happen once).
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NOTICED: weakref.WeakSet = weakref.WeakSet()
 
 
 def token_and_pair_flops(model) -> tuple[int, int] | None:
@@ -22,6 +30,12 @@ def token_and_pair_flops(model) -> tuple[int, int] | None:
     when the config does not say how many heads and layers there are. `model` may be wrapped
     (DDP, peft, torch.compile)."""
     model = unwrap_model(model)
+    if model not in _COSTS:
+        _COSTS[model] = _count(model)
+    return _COSTS[model]
+
+
+def _count(model) -> tuple[int, int] | None:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
@@ -52,4 +66,12 @@ def shared_prompt_saves_work(model, prompt_width: int, completion_width: int, gr
     P, C, G = prompt_width, completion_width, group
     shared = (P + G * C) * per_token + (P + G * C) ** 2 * per_pair
     plain = G * ((P + C) * per_token + (P + C) ** 2 * per_pair)
+    base = unwrap_model(model)
+    if shared >= plain and base not in _NOTICED:
+        _NOTICED.add(base)
+        notice(
+            f"the shared-prompt forward steps aside where {G} plain rows cost fewer FLOPs "
+            f"(first at prompt width {P}, completion width {C}): long completions make the "
+            "shared row's attention outgrow the prompt it saves; same log-probs either way"
+        )
     return shared < plain

@@ -116,7 +116,7 @@ def test_shared_prompt_forward_falls_back_when_prompts_differ(model, tokenizer, 
         torch.testing.assert_close(score(model, batch, group_size=4), score(model, batch))
 
 
-def test_shared_prompt_layout_only_where_it_computes_less(model):
+def test_shared_prompt_layout_only_where_it_computes_less(model, capsys):
     """A [prompt | G completions] row attends over (P + G·C)² pairs: with long completions
     after a short prompt, G plain rows cost less, so sequence_logprobs runs those (same
     numbers)."""
@@ -154,3 +154,5 @@ def test_shared_prompt_layout_only_where_it_computes_less(model):
         hook.remove()
     assert seen == [(n, P + C), (n, P + C)]  # the grouped call ran the plain layout
     torch.testing.assert_close(grouped, plain, atol=0, rtol=0)
+    # one line says so, once per model, however many passes step aside
+    assert capsys.readouterr().out.count("shared-prompt forward steps aside") == 1
